@@ -1,0 +1,3 @@
+"""vcc-dist: Ray-distributed training and challenge-exact evaluation of virtual cell models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Corpus format, simulator and (later) readers, samplers and Ray Data datasets."""
