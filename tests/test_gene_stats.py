@@ -23,7 +23,7 @@ def _counts(n=600, g=400, seed=0):
 
 def _stream(x, block=97):
     acc = GeneAccumulator(n_genes=x.shape[1])
-    totals = np.asarray(x.sum(1)).ravel()
+    totals = np.asarray(x.sum(1, dtype=np.float64)).ravel()
     for a in range(0, x.shape[0], block):
         b = x[a:a + block]
         acc.update(b.data, b.indices, b.indptr, totals[a:a + block])
