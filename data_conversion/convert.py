@@ -1,0 +1,802 @@
+"""h5ad -> corpus conversion (DESIGN.md §3).
+
+Per store (one input file, or a row range of a large one), in a Ray task:
+
+1. Labels: read the obs columns, map them onto the corpus names, compute the output order
+   (context, perturbation with controls first, batch; stable, so source order within a group).
+2. Pass A, sequential over the source in byte-budgeted row blocks: validate values (finite,
+   non-negative, integer), per-cell total counts, per-cell non-zeros after gene mapping, maximum
+   value (for the smallest exact dtype). Sources that cannot be row-gathered cheaply
+   (compressed and out of order, CSC, dense) are copied here into an uncompressed scratch CSR.
+3. Pass B, in output order: gather rows with one read per run of consecutive source rows, map
+   genes onto the vocabulary, write sharded Zarr arrays whole shards at a time, and accumulate
+   per-gene statistics and per-condition pseudobulks.
+4. Everything is written under a hidden temporary name and renamed when complete; the store
+   carries ``uns["vcc_dist"]["complete"]``. The driver records completed stores in corpus.json,
+   so a killed conversion resumes where it stopped and never shows a half-written store.
+
+Memory per task: the read budget, one shard per array, and O(cells in the store) for labels
+and indptr (~40 bytes a cell; capped by ``max_cells_per_store``). It does not grow with the
+input file's size.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import resource
+import shutil
+import time
+import uuid
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from vcc_dist import constants as K
+from vcc_dist.data.corpus import (CorpusManifest, GeneAccumulator, StoreEntry, load_manifest,
+                                  store_path)
+
+from .source import ConversionError, H5adSource, file_fingerprint
+from .store_writer import CSRStoreWriter, StoreLayout, choose_layout
+from .vocab import GeneSpace, build_vocabulary
+
+#: obs columns of a corpus store and whether an input must have them (after --obs-map/--obs-fill)
+OBS_KEYS = K.CORPUS_OBS_KEYS
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """Options of one conversion. Fields that change stored bytes are recorded in corpus.json;
+    resuming with different values is refused."""
+
+    inputs: tuple[str, ...]
+    out: str
+    #: corpus obs name -> column name in the inputs, e.g. {"target_gene": "gene"}
+    obs_map: dict[str, str] = field(default_factory=dict)
+    #: corpus obs name -> constant for inputs lacking the column, e.g. {"guide_id": "none"}
+    obs_fill: dict[str, str] = field(default_factory=dict)
+    control_label: str = K.CONTROL_LABEL  # label of control cells in the inputs
+    matrix: str = "X"  # X | raw/X | layers/<name>
+    symbol_column: str | None = None  # var column with gene symbols (default: var index)
+    gene_id_column: str | None = "auto"  # var column with gene ids; "auto" finds gene_id(s)
+    genes_file: str | None = None  # fixed vocabulary; default: union of the inputs' genes
+    gene_conflicts: str = "error"  # error | prefer-id
+    max_cells_per_store: int = 2_000_000
+    read_budget_mb: int = 128
+    chunk_rows: int = 32
+    shard_mb: int = 64
+    compressor: str = "lz4"
+    clevel: int = 5
+    n_top_genes: int = 2000
+    full_checksum: bool = False
+    parallel: str = "ray"  # ray | serial
+    num_cpus_per_task: float = 1.0
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ConversionError("no inputs: pass one or more .h5ad files or directories")
+        bad = set(self.obs_map) - set(OBS_KEYS)
+        if bad:
+            raise ConversionError(f"obs_map keys {sorted(bad)} unknown; valid: {list(OBS_KEYS)}")
+        bad = set(self.obs_fill) - set(OBS_KEYS)
+        if bad:
+            raise ConversionError(f"obs_fill keys {sorted(bad)} unknown; valid: {list(OBS_KEYS)}")
+        checks = {
+            "gene_conflicts": self.gene_conflicts in ("error", "prefer-id"),
+            "compressor": self.compressor in ("lz4", "zstd", "blosclz", "lz4hc", "zlib"),
+            "clevel": 0 <= self.clevel <= 9,
+            "parallel": self.parallel in ("ray", "serial"),
+            "max_cells_per_store": self.max_cells_per_store >= 1,
+            "read_budget_mb": self.read_budget_mb >= 1,
+            "chunk_rows": self.chunk_rows >= 1,
+            "shard_mb": self.shard_mb >= 1,
+            "n_top_genes": self.n_top_genes >= 1,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ConversionError(f"invalid conversion option {key}={getattr(self, key)!r}")
+
+    def stored_options(self) -> dict[str, Any]:
+        keys = ("obs_map", "obs_fill", "control_label", "matrix", "symbol_column",
+                "gene_id_column", "gene_conflicts", "max_cells_per_store", "chunk_rows",
+                "shard_mb", "compressor", "clevel", "n_top_genes")
+        d = {k: getattr(self, k) for k in keys}
+        if self.genes_file:
+            d["genes_file_checksum"] = file_fingerprint(self.genes_file, full=True)[1]
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# driver side: planning
+# ---------------------------------------------------------------------------------------------
+
+
+def expand_inputs(inputs: tuple[str, ...] | list[str]) -> list[str]:
+    """Files, directories (their *.h5ad) and globs -> sorted unique absolute paths."""
+    out: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(str(q) for q in p.glob("*.h5ad"))
+            if not found:
+                raise ConversionError(f"input directory {item} contains no .h5ad files")
+            out += found
+        elif any(c in item for c in "*?["):
+            found = sorted(glob.glob(item))
+            if not found:
+                raise ConversionError(f"input pattern {item!r} matches no files")
+            out += found
+        else:
+            if not p.exists():
+                raise ConversionError(f"input {item} does not exist")
+            out.append(str(p))
+    out = [os.path.abspath(x) for x in out]
+    return list(dict.fromkeys(out))
+
+
+def _store_names(paths: list[str]) -> list[str]:
+    stems = [re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(p).name.removesuffix(".h5ad")) for p in paths]
+    names = []
+    for p, s in zip(paths, stems):
+        if stems.count(s) > 1:
+            s = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(p).parent.name) + "__" + s
+        names.append(s)
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConversionError(f"inputs would give duplicate store names {sorted(dup)}; rename them")
+    return names
+
+
+def _resolve_obs_columns(src: H5adSource, cfg: ConvertConfig) -> dict[str, str | None]:
+    """corpus obs name -> source column (None = filled with a constant). Errors name the fix."""
+    res: dict[str, str | None] = {}
+    for key in OBS_KEYS:
+        col = cfg.obs_map.get(key, key)
+        if col in src.obs_columns:
+            res[key] = col
+        elif key in cfg.obs_fill:
+            res[key] = None
+        else:
+            raise ConversionError(
+                f"{src.path}: obs has no column {col!r} (needed for the corpus column {key!r}). "
+                f"Its obs columns are {src.obs_columns}. Fix: map another column with "
+                f"--obs-map {key}=<column>, or fill a constant with --obs-fill {key}=<value>.")
+    return res
+
+
+@dataclass
+class StoreTask:
+    entry: StoreEntry
+    gene_map: np.ndarray
+    obs_columns: dict[str, str | None]
+
+
+def plan_corpus(cfg: ConvertConfig) -> tuple[CorpusManifest, list[StoreTask]]:
+    paths = expand_inputs(cfg.inputs)
+    names = _store_names(paths)
+    spaces, obs_cols, n_obs = [], [], []
+    for p in paths:
+        with H5adSource(p, cfg.matrix, cfg.symbol_column, cfg.gene_id_column) as src:
+            obs_cols.append(_resolve_obs_columns(src, cfg))
+            spaces.append(GeneSpace(p, src.symbols, src.gene_ids))
+            n_obs.append(src.n_obs)
+    vocab, maps, reports = build_vocabulary(spaces, cfg.genes_file, cfg.gene_conflicts)
+    tasks: list[StoreTask] = []
+    for p, name, m, rep, oc, n in zip(paths, names, maps, reports, obs_cols, n_obs):
+        size, checksum = file_fingerprint(p, full=cfg.full_checksum)
+        n_parts = -(-n // cfg.max_cells_per_store)
+        bounds = np.linspace(0, n, n_parts + 1).round().astype(int)
+        for k in range(n_parts):
+            sname = name if n_parts == 1 else f"{name}.part{k:03d}"
+            e = StoreEntry(name=sname, source=p, source_rows=[int(bounds[k]), int(bounds[k + 1])],
+                           source_size=size, source_checksum=checksum, coverage=rep)
+            tasks.append(StoreTask(e, m, oc))
+    manifest = CorpusManifest(genes=vocab.symbols, gene_ids=vocab.gene_ids,
+                              stores=[t.entry for t in tasks], options=cfg.stored_options())
+    return manifest, tasks
+
+
+# ---------------------------------------------------------------------------------------------
+# worker side: one store
+# ---------------------------------------------------------------------------------------------
+
+
+def _labels(src: H5adSource, obs_columns: dict[str, str | None], cfg: ConvertConfig,
+            a: int, b: int) -> dict[str, pd.Categorical]:
+    """Corpus obs columns of rows [a, b) as categoricals (codes: 1-2 bytes a cell, not strings)."""
+    out = {}
+    for key in OBS_KEYS:
+        col = obs_columns[key]
+        if col is None:
+            out[key] = pd.Categorical.from_codes(np.zeros(b - a, np.int8),
+                                                 [str(cfg.obs_fill[key])])
+            continue
+        v = src.obs_column_categorical(col, a, b)
+        missing = v.isna()
+        if missing.any():
+            r = int(np.flatnonzero(missing)[0]) + a
+            raise ConversionError(
+                f"{src.path}: obs column {col!r} has {int(missing.sum())} missing values (first "
+                f"at row {r}). Fix: fill them in the file, or use --obs-fill {key}=<value> with "
+                f"--obs-map to another column.")
+        out[key] = v
+    pert = out[K.PERT_KEY]
+    if cfg.control_label != K.CONTROL_LABEL and cfg.control_label in pert.categories:
+        if K.CONTROL_LABEL in pert.categories:
+            raise ConversionError(
+                f"{src.path}: obs column {obs_columns[K.PERT_KEY]!r} has both {cfg.control_label!r} "
+                f"(--control-label) and {K.CONTROL_LABEL!r}; which cells are controls?")
+        out[K.PERT_KEY] = pert.rename_categories({cfg.control_label: K.CONTROL_LABEL})
+    return out
+
+
+def _sorted_codes(cat: pd.Categorical, first: str | None = None) -> tuple[np.ndarray, list[str]]:
+    """Codes under alphabetically sorted categories (``first`` leading), unused ones dropped."""
+    cat = cat.remove_unused_categories()
+    cats = sorted(cat.categories.tolist())
+    if first is not None and first in cats:
+        cats.remove(first)
+        cats.insert(0, first)
+    return cat.reorder_categories(cats).codes.astype(np.int64), cats
+
+
+def _check_values(data: np.ndarray, path: str, row_of: callable) -> None:
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        if not finite.all():
+            k = int(np.flatnonzero(~finite)[0])
+            raise ConversionError(
+                f"{path}: X holds non-finite values ({data[k]} in source row {row_of(k)}). The "
+                "corpus stores raw counts; fix the file or choose the raw counts with --matrix.")
+    if data.size and (data < 0).any():
+        k = int(np.flatnonzero(data < 0)[0])
+        raise ConversionError(
+            f"{path}: X holds negative values ({data[k]} in source row {row_of(k)}). The corpus "
+            "stores raw counts; choose the raw counts with --matrix raw/X or layers/<name>.")
+    if data.dtype.kind == "f" and data.size and (data != np.floor(data)).any():
+        k = int(np.flatnonzero(data != np.floor(data))[0])
+        raise ConversionError(
+            f"{path}: X holds non-integer values ({data[k]} in source row {row_of(k)}): it looks "
+            "normalised or log-transformed. The corpus stores raw counts; choose them with "
+            "--matrix raw/X or --matrix layers/counts.")
+
+
+class _Scratch:
+    """Uncompressed, contiguous CSR copy of a source (in source row order) for fast gathers.
+
+    Random row reads from compressed chunks decompress a whole chunk per row; from this copy
+    they are plain reads. Dense sources do not know their non-zeros up front: ``nnz=None`` makes
+    the datasets growable."""
+
+    def __init__(self, path: Path, nnz: int | None, data_dtype, n_rows: int):
+        self.path = path
+        self.f = h5py.File(path, "w")
+        kw = ({"shape": (nnz,)} if nnz is not None else
+              {"shape": (0,), "maxshape": (None,), "chunks": (1 << 18,)})
+        self.data = self.f.create_dataset("data", dtype=data_dtype, **kw)
+        self.indices = self.f.create_dataset("indices", dtype=np.int64, **kw)
+        self.growable = nnz is None
+        self.indptr = np.zeros(n_rows + 1, np.int64)
+        self.pos = 0
+        self.row = 0
+
+    def append(self, blk: sp.csr_matrix) -> None:
+        n = blk.nnz
+        if self.growable:
+            self.data.resize((self.pos + n,))
+            self.indices.resize((self.pos + n,))
+        self.data[self.pos:self.pos + n] = blk.data
+        self.indices[self.pos:self.pos + n] = blk.indices
+        self.indptr[self.row + 1:self.row + 1 + blk.shape[0]] = blk.indptr[1:] + self.pos
+        self.pos += n
+        self.row += blk.shape[0]
+
+    def read_rows(self, rows: np.ndarray, n_cols: int) -> sp.csr_matrix:
+        ip = self.indptr
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        starts, stops = np.r_[0, breaks], np.r_[breaks, len(rows)]
+        datas, inds = [], []
+        for s, e in zip(starts, stops):
+            a, b = int(ip[rows[s]]), int(ip[rows[e - 1] + 1])
+            datas.append(self.data[a:b])
+            inds.append(self.indices[a:b])
+        indptr = np.r_[0, np.cumsum(ip[rows + 1] - ip[rows])]
+        return sp.csr_matrix((np.concatenate(datas), np.concatenate(inds), indptr),
+                             shape=(len(rows), n_cols))
+
+    def close(self) -> None:
+        self.f.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _csc_to_scratch(src: H5adSource, scratch_dir: Path, budget: int, a: int, b: int,
+                    check) -> tuple[_Scratch, np.ndarray]:
+    """External transpose of CSC rows [a, b) into a scratch CSR, bounded memory.
+
+    Entries are bucketed by row range into flat binary files (one sequential pass over the
+    columns), then each bucket (at most ~budget bytes) is sorted into rows and appended.
+    """
+    n = b - a
+    row_nnz = np.zeros(n, np.int64)
+    for _, _, data, rows, _ in src.iter_csc_columns(budget):
+        keep = (rows >= a) & (rows < b)
+        check(data[keep], lambda k, r=rows[keep]: int(r[k]))
+        row_nnz += np.bincount(rows[keep] - a, minlength=n)
+    entry_bytes = 8 + 8 + 8
+    cum = np.cumsum(row_nnz)
+    n_buckets = max(int(cum[-1] * entry_bytes // budget) + 1, 1) if n else 1
+    edges = np.searchsorted(cum, np.linspace(0, cum[-1], n_buckets + 1)[1:-1], side="left")
+    edges = np.unique(np.r_[0, edges, n])
+    files = [open(scratch_dir / f"bucket{k}.bin", "wb") for k in range(len(edges) - 1)]
+    try:
+        for c0, _, data, rows, ip in src.iter_csc_columns(budget):
+            cols = np.repeat(np.arange(c0, c0 + len(ip) - 1), np.diff(ip))
+            keep = (rows >= a) & (rows < b)
+            r, c, v = rows[keep] - a, cols[keep], data[keep].astype(np.float64)
+            bk = np.searchsorted(edges, r, side="right") - 1
+            for k in np.unique(bk):
+                sel = bk == k
+                np.stack([r[sel].astype(np.float64), c[sel].astype(np.float64), v[sel]],
+                         1).tofile(files[k])
+    finally:
+        for f in files:
+            f.close()
+    total = int(row_nnz.sum())
+    scratch = _Scratch(scratch_dir / "scratch.h5", total, src.info.dtype, n)
+    for k in range(len(edges) - 1):
+        path = scratch_dir / f"bucket{k}.bin"
+        trip = np.fromfile(path, dtype=np.float64).reshape(-1, 3)
+        path.unlink()
+        r0, r1 = int(edges[k]), int(edges[k + 1])
+        order = np.lexsort((trip[:, 1], trip[:, 0]))
+        trip = trip[order]
+        local = trip[:, 0].astype(np.int64) - r0
+        indptr = np.r_[0, np.cumsum(np.bincount(local, minlength=r1 - r0))]
+        blk = sp.csr_matrix((trip[:, 2].astype(src.info.dtype), trip[:, 1].astype(np.int64),
+                             indptr), shape=(r1 - r0, src.n_vars))
+        scratch.append(blk)
+    return scratch, row_nnz
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def convert_store(task: StoreTask, cfg: ConvertConfig, corpus_dir: str, genes: list[str],
+                  gene_ids: list[str | None], vocab_hash: str, progress=None) -> dict[str, Any]:
+    """Convert one store; returns its summary. Runs in a Ray task (or in-process)."""
+    t0 = time.perf_counter()
+    rss0 = _peak_rss_mb()
+    e = task.entry
+    a, b = e.source_rows
+    n = b - a
+    G = len(genes)
+    gmap = task.gene_map
+    budget = cfg.read_budget_mb << 20
+    stores = Path(corpus_dir) / K.CORPUS_STORES_DIR
+    tmp = stores / f".{e.name}.zarr.tmp-{uuid.uuid4().hex[:8]}"
+    scratch_dir = stores / f".{e.name}.scratch-{uuid.uuid4().hex[:8]}"
+    scratch = None
+    try:
+        with H5adSource(e.source, cfg.matrix, cfg.symbol_column, cfg.gene_id_column) as src:
+            if src.n_obs < b:
+                raise ConversionError(f"{e.source} has {src.n_obs} cells; expected >= {b}. "
+                                      "The file changed since planning; run again.")
+            labels = _labels(src, task.obs_columns, cfg, a, b)
+            ctx_c, ctx_cats = _sorted_codes(labels[K.CONTEXT_KEY])
+            pert_c, pert_cats = _sorted_codes(labels[K.PERT_KEY], first=K.CONTROL_LABEL)
+            bat_c, bat_cats = _sorted_codes(labels[K.BATCH_KEY])
+            order = np.lexsort((bat_c, pert_c, ctx_c))  # output row i <- local source row order[i]
+
+            # ---- pass A: validate, totals, nnz after mapping, max; scratch copy if needed
+            fmt = src.info.fmt
+            totals = np.zeros(n, np.float64)
+            kept_nnz = np.zeros(n, np.int64)
+            max_value = 0.0
+            runs = 1 + int(np.count_nonzero(np.diff(order) != 1)) if n > 1 else 1
+            # gather straight from the source when row reads are cheap: uncompressed CSR, or
+            # compressed CSR already (nearly) in output order
+            direct = fmt == "csr" and (not src.info.compressed or n / runs >= 64)
+            drop = bool((gmap < 0).any())
+
+            def check(data, row_of):
+                _check_values(data, e.source, row_of)
+
+            if fmt == "csc":
+                scratch_dir.mkdir(parents=True)
+                scratch, _ = _csc_to_scratch(src, scratch_dir, budget, a, b, check)
+                blocks = ((r0, r1, scratch.read_rows(np.arange(r0, r1), src.n_vars))
+                          for r0, r1 in _ranges(scratch.indptr, budget))
+            else:
+                if not direct:
+                    scratch_dir.mkdir(parents=True)
+                    scratch = _Scratch(scratch_dir / "scratch.h5",
+                                       int(src._indptr[b] - src._indptr[a]) if fmt == "csr"
+                                       else None, src.info.dtype, n)
+                blocks = ((r0 - a, r1 - a, m) for r0, r1, m in src.iter_row_blocks(a, b, budget))
+            for r0, r1, m in blocks:
+                if fmt != "csc":
+                    ip = m.indptr
+                    check(m.data, lambda k, ip=ip, r0=r0: a + r0 + int(
+                        np.searchsorted(ip, k, side="right") - 1))
+                if m.data.size:
+                    max_value = max(max_value, float(m.data.max()))
+                totals[r0:r1] = np.asarray(m.sum(1, dtype=np.float64)).ravel()
+                m.sum_duplicates()
+                if drop:
+                    m.data[gmap[m.indices] < 0] = 0
+                m.eliminate_zeros()
+                kept_nnz[r0:r1] = np.diff(m.indptr)
+                if scratch is not None and fmt != "csc":
+                    scratch.append(m)
+                if progress is not None:
+                    progress("scan", r1 - r0)
+            nnz = int(kept_nnz.sum())
+            layout = choose_layout(G, max_value, nnz / max(n, 1), cfg.chunk_rows, cfg.shard_mb,
+                                   cfg.compressor, cfg.clevel)
+
+            # ---- write the AnnData skeleton (obs, var) under the temporary name
+            import anndata as ad
+            import zarr
+
+            ad.settings.zarr_write_format = 3
+            barcodes = src.obs_column(None)[a:b][order]
+            obs = pd.DataFrame({
+                K.CONTEXT_KEY: pd.Categorical.from_codes(ctx_c[order], ctx_cats),
+                K.PERT_KEY: pd.Categorical.from_codes(pert_c[order], pert_cats),
+                K.BATCH_KEY: pd.Categorical.from_codes(bat_c[order], bat_cats),
+                K.GUIDE_KEY: labels[K.GUIDE_KEY][order].remove_unused_categories(),
+                K.TOTAL_COUNTS_KEY: totals[order].round().astype(np.int64),
+                K.SOURCE_ROW_KEY: (order + a).astype(np.int64),
+            }, index=pd.Index(barcodes.astype(str), name=None))
+            del barcodes, labels
+            if not obs.index.is_unique:  # anndata needs unique names; keep them traceable
+                obs.index = pd.Index([f"{bc}-{r}" for bc, r in zip(obs.index, order + a)])
+            var = pd.DataFrame({K.GENE_ID_KEY: [g if g is not None else "" for g in gene_ids]},
+                               index=pd.Index(genes))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ad.AnnData(obs=obs, var=var).write_zarr(str(tmp))
+            del obs
+            root = zarr.open_group(str(tmp), mode="a", use_consolidated=False)
+            writer = CSRStoreWriter(root, n, G, nnz, layout)
+
+            # ---- pass B: gather in output order, map genes, write, accumulate
+            acc = GeneAccumulator(n_genes=G)
+            cond_key = ctx_c[order] * (len(pert_cats) + 1) + pert_c[order]
+            cond_starts = np.flatnonzero(np.r_[True, cond_key[1:] != cond_key[:-1]])
+            cond_stops = np.r_[cond_starts[1:], n]
+            pb = _PseudobulkWriter(root, len(cond_starts), G)
+            sorted_tot = totals[order]
+            out_nnz = kept_nnz[order]
+            cum = np.cumsum(out_nnz)
+            per_entry = np.dtype(layout.data_dtype).itemsize + 8
+            o0 = 0
+            reader = (scratch.read_rows if scratch is not None else
+                      (lambda rows, ncol: src.read_rows(rows + a)))
+            while o0 < n:
+                lim = (cum[o0 - 1] if o0 else 0) + max(budget // per_entry, 1)
+                o1 = int(np.searchsorted(cum, lim, side="right"))
+                o1 = min(max(o1, o0 + 1), n)
+                rows = order[o0:o1]
+                srt = np.argsort(rows, kind="stable")
+                blk = reader(rows[srt], src.n_vars)
+                inv = np.empty_like(srt)
+                inv[srt] = np.arange(len(srt))
+                blk = blk[inv]
+                data, ind, ip = _map_block(blk, gmap, G)
+                writer.append(data.astype(layout.data_dtype), ind.astype(layout.indices_dtype), ip)
+                lg = acc.update(data, ind, ip, sorted_tot[o0:o1])
+                pb.add(o0, o1, ip, ind, lg, cond_starts, cond_stops)
+                if progress is not None:
+                    progress("write", o1 - o0)
+                o0 = o1
+            writer.close()
+            pb.close()
+
+            # ---- uns: groups, conditions, store manifest; then commit by rename
+            gkey = np.stack([ctx_c[order], pert_c[order], bat_c[order]], 1)
+            gstarts = np.flatnonzero(np.r_[True, (gkey[1:] != gkey[:-1]).any(1)])
+            gstops = np.r_[gstarts[1:], n]
+            groups = pd.DataFrame({
+                K.CONTEXT_KEY: [ctx_cats[i] for i in gkey[gstarts, 0]],
+                K.PERT_KEY: [pert_cats[i] for i in gkey[gstarts, 1]],
+                K.BATCH_KEY: [bat_cats[i] for i in gkey[gstarts, 2]],
+                "start": gstarts.astype(np.int64), "stop": gstops.astype(np.int64)})
+            conds = pd.DataFrame({
+                K.CONTEXT_KEY: [ctx_cats[i] for i in ctx_c[order][cond_starts]],
+                K.PERT_KEY: [pert_cats[i] for i in pert_c[order][cond_starts]],
+                "start": cond_starts.astype(np.int64), "stop": cond_stops.astype(np.int64)})
+            meta = {
+                "format": K.CORPUS_FORMAT, "format_version": K.CORPUS_FORMAT_VERSION,
+                "name": e.name, "source": e.source, "source_rows": np.asarray(e.source_rows),
+                "source_size": e.source_size, "source_checksum": e.source_checksum,
+                "vocab_hash": vocab_hash, "n_cells": n, "nnz": nnz,
+                "layout": layout.to_dict(), "source_format": fmt,
+                "stats_target_sum": K.STATS_TARGET_SUM,
+                "gene_accumulator": acc.to_arrays(),
+                "complete": True,
+            }
+            from anndata.io import write_elem
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                write_elem(root["uns"], K.STORE_GROUPS_KEY, groups)
+                write_elem(root["uns"], "vcc_dist_conditions", conds)
+                write_elem(root["uns"], K.STORE_UNS_KEY, meta)
+                zarr.consolidate_metadata(str(tmp))
+        final = store_path(corpus_dir, e.name)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)  # the commit point
+        return {"name": e.name, "n_cells": n, "nnz": nnz, "seconds": time.perf_counter() - t0,
+                "peak_rss_mb": _peak_rss_mb(), "peak_rss_mb_at_start": rss0,
+                "layout": layout.to_dict(), "direct_gather": bool(direct)}
+    finally:
+        if scratch is not None:
+            scratch.f.close()
+        shutil.rmtree(scratch_dir, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _ranges(indptr: np.ndarray, budget: int):
+    n = len(indptr) - 1
+    r = 0
+    while r < n:
+        r1 = int(np.searchsorted(indptr, indptr[r] + max(budget // 16, 1), side="right")) - 1
+        r1 = min(max(r1, r + 1), n)
+        yield r, r1
+        r = r1
+
+
+def _map_block(blk: sp.csr_matrix, gmap: np.ndarray, G: int):
+    """Source columns -> vocabulary columns; drops unmapped genes and zeros; sorted indices."""
+    blk.sum_duplicates()
+    blk.eliminate_zeros()
+    cols = gmap[blk.indices]
+    keep = cols >= 0
+    if not keep.all():
+        rows = np.repeat(np.arange(blk.shape[0]), np.diff(blk.indptr))[keep]
+        blk = sp.csr_matrix((blk.data[keep], (rows, cols[keep])), shape=(blk.shape[0], G))
+    else:
+        blk = sp.csr_matrix((blk.data, cols, blk.indptr), shape=(blk.shape[0], G))
+    blk.has_sorted_indices = False
+    blk.sort_indices()
+    return blk.data, blk.indices, blk.indptr.astype(np.int64)
+
+
+class _PseudobulkWriter:
+    """Mean log1p-CP10k per (context, perturbation) condition, written 16 conditions at a time."""
+
+    ROWS = 16
+
+    def __init__(self, root, n_conds: int, G: int):
+        self.arr = root["uns"].create_array(
+            "vcc_dist_pseudobulk", shape=(n_conds, G), dtype="float32",
+            chunks=(min(self.ROWS, max(n_conds, 1)), G))
+        self.arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        self.G = G
+        self.open: dict[int, np.ndarray] = {}
+        self.buf: list[np.ndarray] = []
+        self.next = 0
+
+    def add(self, o0, o1, ip, ind, lg, starts, stops):
+        c_first = int(np.searchsorted(starts, o0, side="right") - 1)
+        c_last = int(np.searchsorted(starts, o1 - 1, side="right") - 1)
+        for c in range(c_first, c_last + 1):
+            lo = max(int(starts[c]), o0)
+            hi = min(int(stops[c]), o1)
+            e0, e1 = ip[lo - o0], ip[hi - o0]
+            s = self.open.setdefault(c, np.zeros(self.G, np.float64))
+            s += np.bincount(ind[e0:e1].astype(np.intp), weights=lg[e0:e1], minlength=self.G)
+            if stops[c] <= o1:
+                self.buf.append((self.open.pop(c) / (stops[c] - starts[c])).astype(np.float32))
+                if len(self.buf) == self.ROWS:
+                    self._flush()
+
+    def _flush(self):
+        if self.buf:
+            k = len(self.buf)
+            self.arr[self.next:self.next + k] = np.stack(self.buf)
+            self.next += k
+            self.buf = []
+
+    def close(self):
+        self._flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------
+
+
+def _store_is_complete(path: Path, entry: StoreEntry, vocab_hash: str) -> bool:
+    import zarr
+
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        from anndata.io import read_elem
+
+        meta = read_elem(root["uns"][K.STORE_UNS_KEY])
+    except Exception:  # noqa: BLE001 - anything unreadable is by definition not complete
+        return False
+    return (bool(meta.get("complete")) and meta.get("vocab_hash") == vocab_hash
+            and meta.get("source_checksum") == entry.source_checksum
+            and list(np.asarray(meta.get("source_rows")).tolist()) == entry.source_rows)
+
+
+def _reconcile(existing: CorpusManifest | None, planned: CorpusManifest, corpus: Path,
+               cfg: ConvertConfig) -> CorpusManifest:
+    """Resume logic: keep completed stores that still match their sources; refuse silent
+    changes of options or vocabulary."""
+    if existing is None:
+        return planned
+    if existing.options != planned.options:
+        diff = {k: (existing.options.get(k), planned.options.get(k))
+                for k in set(existing.options) | set(planned.options)
+                if existing.options.get(k) != planned.options.get(k)}
+        raise ConversionError(
+            f"{corpus} was converted with other options {diff} (stored, asked). Fix: use the "
+            "original options to resume, a new output directory, or --overwrite.")
+    if existing.vocab_hash != planned.vocab_hash:
+        raise ConversionError(
+            f"{corpus} has a different gene vocabulary than these inputs give (inputs added or "
+            "changed?). Fix: a new output directory, or --overwrite to rebuild it.")
+    old = {s.name: s for s in existing.stores}
+    for s in planned.stores:
+        o = old.get(s.name)
+        if o is not None and o.status == "complete":
+            if (o.source_checksum, o.source_rows) != (s.source_checksum, s.source_rows):
+                raise ConversionError(
+                    f"input {s.source} changed since store {s.name} was written. Fix: "
+                    "--overwrite to rebuild the corpus, or restore the original file.")
+            s.status, s.n_cells, s.nnz = o.status, o.n_cells, o.nnz
+    return planned
+
+
+def convert_corpus(cfg: ConvertConfig) -> CorpusManifest:
+    """Convert inputs into a corpus at ``cfg.out``; resumes an interrupted run."""
+    corpus = Path(cfg.out)
+    manifest, tasks = plan_corpus(cfg)
+    if cfg.overwrite and corpus.exists():
+        shutil.rmtree(corpus)
+    (corpus / K.CORPUS_STORES_DIR).mkdir(parents=True, exist_ok=True)
+    existing = None
+    if (corpus / K.CORPUS_MANIFEST).exists():
+        existing = load_manifest(corpus, require_complete=False)
+    elif any((corpus / K.CORPUS_STORES_DIR).iterdir()):
+        raise ConversionError(f"{corpus} holds stores but no {K.CORPUS_MANIFEST}; it is not a "
+                              "corpus of this tool. Use an empty directory or --overwrite.")
+    manifest = _reconcile(existing, manifest, corpus, cfg)
+    # hidden temporaries of killed runs are never complete: remove them
+    for p in (corpus / K.CORPUS_STORES_DIR).glob(".*"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    # a store renamed into place just before a kill, but not yet recorded: adopt it if valid
+    for t in tasks:
+        path = store_path(corpus, t.entry.name)
+        if t.entry.status != "complete" and path.exists():
+            if _store_is_complete(path, t.entry, manifest.vocab_hash):
+                _adopt(t.entry, path)
+            else:
+                shutil.rmtree(path)
+    manifest.status = "converting"
+    manifest.save(corpus)
+    pending = [t for t in tasks if t.entry.status != "complete"]
+    total_cells = sum(t.entry.source_rows[1] - t.entry.source_rows[0] for t in pending)
+    _run_tasks(pending, cfg, manifest, corpus, total_cells)
+    _finalize(manifest, corpus, cfg)
+    return manifest
+
+
+def _adopt(entry: StoreEntry, path: Path) -> None:
+    import zarr
+    from anndata.io import read_elem
+
+    meta = read_elem(zarr.open_group(str(path), mode="r")["uns"][K.STORE_UNS_KEY])
+    entry.status, entry.n_cells, entry.nnz = "complete", int(meta["n_cells"]), int(meta["nnz"])
+
+
+def _run_tasks(pending: list[StoreTask], cfg: ConvertConfig, manifest: CorpusManifest,
+               corpus: Path, total_cells: int) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    results: list[dict] = []
+    bar = tqdm(total=total_cells, unit="cells", desc="convert", disable=not cfg.progress,
+               dynamic_ncols=True)
+
+    def done(t: StoreTask, r: dict) -> None:
+        t.entry.status, t.entry.n_cells, t.entry.nnz = "complete", r["n_cells"], r["nnz"]
+        manifest.save(corpus)  # the driver is the only writer of corpus.json
+        results.append(r)
+        bar.update(r["n_cells"])
+        bar.write(f"  store {r['name']}: {r['n_cells']} cells in {r['seconds']:.1f}s "
+                  f"(peak RSS {r['peak_rss_mb']:.0f} MB)")
+
+    args = (str(corpus), manifest.genes, manifest.gene_ids, manifest.vocab_hash)
+    try:
+        if cfg.parallel == "serial" or not pending:
+            for t in pending:
+                done(t, convert_store(t, cfg, *args))
+        else:
+            import ray
+
+            from vcc_dist.ray_utils import ensure_ray
+
+            ensure_ray()
+            remote = ray.remote(num_cpus=cfg.num_cpus_per_task, max_retries=0)(_convert_remote)
+            cfg_ref = ray.put(cfg)
+            refs = {remote.remote(t, cfg_ref, *args): t for t in pending}
+            while refs:
+                ready, _ = ray.wait(list(refs), num_returns=1)
+                for ref in ready:
+                    t = refs.pop(ref)
+                    try:
+                        done(t, ray.get(ref))
+                    except ray.exceptions.RayTaskError as err:
+                        for r in refs:
+                            ray.cancel(r, force=True)
+                        cause = err.cause if hasattr(err, "cause") else err
+                        if isinstance(cause, ConversionError):
+                            raise ConversionError(str(cause)) from None
+                        raise
+    finally:
+        bar.close()
+    return results
+
+
+def _convert_remote(task, cfg, corpus, genes, gene_ids, vocab_hash):
+    return convert_store(task, cfg, corpus, genes, gene_ids, vocab_hash)
+
+
+def _finalize(manifest: CorpusManifest, corpus: Path, cfg: ConvertConfig) -> None:
+    import zarr
+    from anndata.io import read_elem
+
+    acc = GeneAccumulator(n_genes=len(manifest.genes))
+    contexts: set[str] = set()
+    perts: set[str] = set()
+    n_controls = 0
+    cells_per_cond: list[int] = []
+    for s in manifest.stores:
+        root = zarr.open_group(str(store_path(corpus, s.name)), mode="r")
+        meta = read_elem(root["uns"][K.STORE_UNS_KEY])
+        acc.merge(GeneAccumulator.from_arrays(meta["gene_accumulator"]))
+        conds = read_elem(root["uns"]["vcc_dist_conditions"])
+        contexts |= set(conds[K.CONTEXT_KEY])
+        perts |= set(conds[K.PERT_KEY]) - {K.CONTROL_LABEL}
+        size = conds["stop"] - conds["start"]
+        ctrl = conds[K.PERT_KEY] == K.CONTROL_LABEL
+        n_controls += int(size[ctrl].sum())
+        cells_per_cond += size[~ctrl].tolist()
+    table = acc.gene_table(n_top_genes=cfg.n_top_genes)
+    manifest.gene_stats = {c: table[c].tolist() for c in table.columns}
+    cpc = np.asarray(cells_per_cond) if cells_per_cond else np.zeros(1)
+    manifest.summary = {
+        "n_cells": int(acc.n_cells), "n_genes": len(manifest.genes),
+        "n_stores": len(manifest.stores), "nnz": int(sum(s.nnz or 0 for s in manifest.stores)),
+        "n_contexts": len(contexts), "n_perturbations": len(perts), "n_controls": n_controls,
+        "cells_per_condition_median": float(np.median(cpc)),
+        "cells_per_condition_min": int(cpc.min()), "cells_per_condition_max": int(cpc.max()),
+        "n_highly_variable": int(table["highly_variable"].sum()),
+    }
+    manifest.status = "complete"
+    manifest.save(corpus)
+
+
+def config_from_dict(d: dict[str, Any]) -> ConvertConfig:
+    d = dict(d)
+    d["inputs"] = tuple(d["inputs"])
+    return ConvertConfig(**d)
+
+
+def config_to_dict(cfg: ConvertConfig) -> dict[str, Any]:
+    return asdict(cfg)
