@@ -1,0 +1,8 @@
+"""h5ad -> vcc-dist corpus conversion and validation (DESIGN.md §3)."""
+
+from .convert import ConvertConfig, convert_corpus
+from .source import ConversionError
+from .validate import ValidationReport, validate_corpus
+
+__all__ = ["ConvertConfig", "convert_corpus", "ConversionError", "validate_corpus",
+           "ValidationReport"]

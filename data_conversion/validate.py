@@ -1,0 +1,173 @@
+"""Check a corpus against its manifest and its source files."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vcc_dist import constants as K
+from vcc_dist.data.corpus import CorpusError, load_manifest, store_path
+
+from .source import ConversionError, H5adSource, file_fingerprint
+
+
+@dataclass
+class ValidationReport:
+    corpus: str
+    checks: int = 0
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def check(self, cond: bool, problem: str) -> bool:
+        self.checks += 1
+        if not cond:
+            self.problems.append(problem)
+        return cond
+
+    def text(self) -> str:
+        head = (f"corpus {self.corpus}: {'OK' if self.ok else 'INVALID'} "
+                f"({self.checks} checks, {len(self.problems)} problems)")
+        return "\n".join([head] + [f"  PROBLEM: {p}" for p in self.problems]
+                         + [f"  note: {n}" for n in self.notes])
+
+
+def map_to_vocabulary(symbols, gene_ids, vocab_symbols, vocab_ids) -> np.ndarray:
+    """Source column -> corpus column (-1: not in the corpus), by id first, then symbol."""
+    by_id = {g: j for j, g in enumerate(vocab_ids) if g}
+    by_sym = {s: j for j, s in enumerate(vocab_symbols)}
+    ids = gene_ids if gene_ids is not None else [None] * len(symbols)
+    return np.array([by_id[g] if g is not None and g in by_id else by_sym.get(s, -1)
+                     for s, g in zip(symbols, ids)], np.int64)
+
+
+def validate_corpus(corpus_dir: str | os.PathLike, sample_rows: int = 200,
+                    check_sources: bool = True, seed: int = 0) -> ValidationReport:
+    import anndata as ad
+    import zarr
+    from anndata.io import read_elem, sparse_dataset
+
+    rep = ValidationReport(str(corpus_dir))
+    try:
+        m = load_manifest(corpus_dir, require_complete=False)
+    except CorpusError as e:
+        rep.check(False, str(e))
+        return rep
+    rep.check(m.status == "complete", f"corpus status is {m.status!r}, not 'complete' (resume "
+              "the conversion by running the same command again)")
+    rng = np.random.default_rng(seed)
+    G = len(m.genes)
+    for s in m.stores:
+        p = store_path(corpus_dir, s.name)
+        if not rep.check(s.status == "complete" and p.exists(),
+                         f"store {s.name}: status {s.status!r}, present={p.exists()}"):
+            continue
+        root = zarr.open_group(str(p), mode="r")
+        meta = read_elem(root["uns"][K.STORE_UNS_KEY])
+        rep.check(bool(meta.get("complete")), f"store {s.name}: not marked complete")
+        rep.check(int(meta.get("format_version", -1)) == K.CORPUS_FORMAT_VERSION,
+                  f"store {s.name}: format version {meta.get('format_version')}")
+        rep.check(meta.get("vocab_hash") == m.vocab_hash,
+                  f"store {s.name}: vocabulary hash {meta.get('vocab_hash')} != corpus "
+                  f"{m.vocab_hash}")
+        var = read_elem(root["var"])
+        rep.check(list(var.index) == m.genes, f"store {s.name}: var genes differ from the corpus")
+        obs = read_elem(root["obs"])
+        n = len(obs)
+        rep.check(n == s.n_cells == meta["n_cells"] == s.source_rows[1] - s.source_rows[0],
+                  f"store {s.name}: {n} cells in obs, manifest {s.n_cells}, source rows "
+                  f"{s.source_rows}")
+        X = sparse_dataset(root["X"])
+        rep.check(tuple(X.shape) == (n, G), f"store {s.name}: X shape {X.shape} != {(n, G)}")
+        indptr = root["X/indptr"][:]
+        rep.check(bool(np.all(np.diff(indptr) >= 0)) and indptr[0] == 0
+                  and indptr[-1] == s.nnz == root["X/data"].shape[0],
+                  f"store {s.name}: indptr inconsistent with nnz {s.nnz}")
+        groups = read_elem(root["uns"][K.STORE_GROUPS_KEY])
+        st, sp_ = groups["start"].to_numpy(), groups["stop"].to_numpy()
+        rep.check(len(st) > 0 and st[0] == 0 and sp_[-1] == n and np.all(st[1:] == sp_[:-1])
+                  and np.all(sp_ > st), f"store {s.name}: group index does not tile the rows")
+        for key in (K.CONTEXT_KEY, K.PERT_KEY, K.BATCH_KEY):
+            lab = np.asarray(obs[key].astype(str))
+            exp = np.repeat(groups[key].astype(str).to_numpy(), sp_ - st)
+            rep.check(bool(np.array_equal(lab, exp)),
+                      f"store {s.name}: obs {key} disagrees with the group index")
+        src_rows = obs[K.SOURCE_ROW_KEY].to_numpy()
+        rep.check(bool(np.array_equal(np.sort(src_rows), np.arange(*s.source_rows))),
+                  f"store {s.name}: source_row is not a permutation of {s.source_rows}")
+        if not check_sources:
+            continue
+        if not Path(s.source).exists():
+            rep.notes.append(f"store {s.name}: source {s.source} not found; compared with the "
+                             "manifest only")
+            continue
+        size, checksum = file_fingerprint(s.source, full=s.source_checksum.startswith(
+            "blake2b-full") and os.path.getsize(s.source) > 64 * 65536)
+        if not rep.check((size, checksum) == (s.source_size, s.source_checksum),
+                         f"store {s.name}: source {s.source} changed since conversion "
+                         f"(size/checksum differ)"):
+            continue
+        opts = m.options
+        try:
+            src = H5adSource(s.source, opts["matrix"], opts["symbol_column"],
+                             opts["gene_id_column"])
+        except ConversionError as e:
+            rep.check(False, f"store {s.name}: {e}")
+            continue
+        with src:
+            gmap = map_to_vocabulary(src.symbols, src.gene_ids, m.genes, m.gene_ids)
+            k = min(sample_rows, n)
+            rows = np.sort(rng.choice(n, size=k, replace=False))
+            srows = src_rows[rows]
+            mine = X[rows].toarray() if k else np.zeros((0, G))
+            # source rows, mapped onto the vocabulary
+            ref = np.zeros((k, G), np.float64)
+            srt = np.argsort(srows)
+            if src.info.fmt == "csr":
+                got = src.read_rows(srows[srt])
+            else:
+                node = src.f[src.matrix]
+                if src.info.fmt == "dense":
+                    import scipy.sparse as sps
+                    got = sps.csr_matrix(node[np.sort(srows), :])
+                else:  # CSC: one streaming pass over the columns, bounded memory
+                    import scipy.sparse as sps
+                    want = np.sort(srows)
+                    dense = np.zeros((k, src.n_vars), np.float64)
+                    for c0, _, data, rws, ip in src.iter_csc_columns(64 << 20):
+                        cols = np.repeat(np.arange(c0, c0 + len(ip) - 1), np.diff(ip))
+                        hit = np.isin(rws, want)
+                        dense[np.searchsorted(want, rws[hit]), cols[hit]] = data[hit]
+                    got = sps.csr_matrix(dense)
+            got = got.toarray()
+            keep = gmap >= 0
+            ref[srt[:, None], gmap[keep][None, :]] = got[:, keep] if k else 0
+            rep.check(bool(np.array_equal(mine, ref)),
+                      f"store {s.name}: X differs from the source on sampled rows")
+            tot = got.sum(1)
+            rep.check(bool(np.allclose(obs[K.TOTAL_COUNTS_KEY].to_numpy()[rows][srt], tot)),
+                      f"store {s.name}: total_counts differ from the source")
+            for key in K.CORPUS_OBS_KEYS:
+                col = opts["obs_map"].get(key, key)
+                if col not in src.obs_columns:
+                    continue
+                v = src.obs_column(col)[srows].astype(str)
+                if key == K.PERT_KEY:
+                    v = np.where(v == opts["control_label"], K.CONTROL_LABEL, v)
+                rep.check(bool(np.array_equal(v, obs[key].astype(str).to_numpy()[rows])),
+                          f"store {s.name}: obs {key} differs from source column {col!r}")
+            rep.notes.append(f"store {s.name}: {k} sampled rows equal to the source")
+    # the anndata contract: a store opens with plain anndata
+    if m.stores and store_path(corpus_dir, m.stores[0].name).exists():
+        try:
+            a = ad.read_zarr(store_path(corpus_dir, m.stores[0].name))
+            rep.check(a.shape[1] == G, "anndata.read_zarr gives the wrong number of genes")
+        except Exception as e:  # noqa: BLE001 - any failure here is a finding to report
+            rep.check(False, f"anndata.read_zarr cannot open {m.stores[0].name}: {e}")
+    return rep
