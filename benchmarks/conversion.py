@@ -47,6 +47,7 @@ target, sys.argv = sys.argv[1], sys.argv[1:]
 if target == "-c":
     exec(compile(CODE, "<naive>", "exec"), {"__name__": "__main__"})
 else:
+    sys.path.insert(0, __import__("os").path.dirname(target))
     runpy.run_path(target, run_name="__main__")
 """
 
@@ -110,6 +111,8 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         ours = _run(str(ROOT / "jobs" / "convert.py"),
                     [str(h5ad), "--out", str(out), "--serial", "--no-progress"])
+        if ours["returncode"]:
+            raise SystemExit(f"vcc-dist conversion failed:\n{ours['stderr_tail']}")
         size, files = _du(out)
         ours.update(cells_per_s=round(n_cells / ours["seconds"], 1), bytes=size, files=files)
         row = {"preset": preset, "cells": n_cells, "genes": n_genes, "nnz": nnz,

@@ -479,7 +479,9 @@ def convert_store(task: StoreTask, cfg: ConvertConfig, corpus_dir: str, genes: l
             sorted_tot = totals[order]
             out_nnz = kept_nnz[order]
             cum = np.cumsum(out_nnz)
-            per_entry = np.dtype(layout.data_dtype).itemsize + 8
+            # pass B holds ~50 bytes of temporaries per non-zero (gather, reorder, map, stats):
+            # size its blocks so those stay within the read budget
+            per_entry = 50
             o0 = 0
             reader = (scratch.read_rows if scratch is not None else
                       (lambda rows, ncol: src.read_rows(rows + a)))
@@ -569,8 +571,8 @@ def _map_block(blk: sp.csr_matrix, gmap: np.ndarray, G: int):
         blk = sp.csr_matrix((blk.data[keep], (rows, cols[keep])), shape=(blk.shape[0], G))
     else:
         blk = sp.csr_matrix((blk.data, cols, blk.indptr), shape=(blk.shape[0], G))
-    blk.has_sorted_indices = False
-    blk.sort_indices()
+    if not blk.has_sorted_indices:  # an O(nnz) check; sorting only when the map reorders genes
+        blk.sort_indices()
     return blk.data, blk.indices, blk.indptr.astype(np.int64)
 
 

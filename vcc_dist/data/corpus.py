@@ -89,31 +89,29 @@ class GeneAccumulator:
 
     def update(self, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray,
                totals: np.ndarray) -> np.ndarray:
-        """Add a CSR block (raw counts, vocabulary columns); returns per-entry log values."""
+        """Add a CSR block (raw counts, vocabulary columns); returns per-entry log values.
+
+        Values are computed in float32 and summed in float64 (``bincount`` accumulates in
+        float64); per-gene max/min use ``ufunc.at``, which numpy >= 2 runs at bincount speed.
+        """
         n = len(indptr) - 1
         self.n_cells += n
         if data.size == 0:
             return np.zeros(0, np.float32)
-        rows = np.repeat(np.arange(n), np.diff(indptr))
         scale = np.where(totals > 0, self.target_sum / np.maximum(totals, 1), 0.0)
-        norm = data.astype(np.float64) * scale[rows]
+        norm = data.astype(np.float32) * np.repeat(scale.astype(np.float32), np.diff(indptr))
         lg = np.log1p(norm)
         g = self.n_genes
-        idx = indices.astype(np.intp, copy=False)
+        idx = indices.astype(np.intp)
         self.nnz += np.bincount(idx, minlength=g)
         self.sum_norm += np.bincount(idx, weights=norm, minlength=g)
-        self.sumsq_norm += np.bincount(idx, weights=norm * norm, minlength=g)
+        self.sumsq_norm += np.bincount(idx, weights=np.square(norm, dtype=np.float64), minlength=g)
         self.sum_log += np.bincount(idx, weights=lg, minlength=g)
-        self.sumsq_log += np.bincount(idx, weights=lg * lg, minlength=g)
-        # per-gene max/min: sort entries by gene once, then reduce each gene's run
-        order = np.argsort(idx, kind="stable")
-        sg = idx[order]
-        sl = lg[order]
-        starts = np.flatnonzero(np.r_[True, sg[1:] != sg[:-1]])
-        genes = sg[starts]
-        np.maximum.at(self.max_log, genes, np.maximum.reduceat(sl, starts))
-        np.minimum.at(self.min_nz_log, genes, np.minimum.reduceat(sl, starts))
-        return lg.astype(np.float32)
+        self.sumsq_log += np.bincount(idx, weights=np.square(lg, dtype=np.float64), minlength=g)
+        lg64 = lg.astype(np.float64)  # same dtype as the target: mixed dtypes lose the fast path
+        np.maximum.at(self.max_log, idx, lg64)
+        np.minimum.at(self.min_nz_log, idx, lg64)
+        return lg
 
     def merge(self, other: GeneAccumulator) -> None:
         if other.n_genes != self.n_genes or other.target_sum != self.target_sum:
@@ -245,7 +243,9 @@ class CorpusManifest:
 
     # -- io --
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        # shallow: dataclasses.asdict deep-copies the (long) gene lists on every save
+        d = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        d["stores"] = [asdict(s) for s in self.stores]
         return d
 
     @classmethod
