@@ -29,11 +29,12 @@ Genes ``g``, contexts (cell types) ``c``, batches ``b`` (nested in contexts), pe
   ``s_ik ~ N(0, 1)`` and gets ``s_i @ W`` added to its logits.
 * Response modules: ``n_modules`` sparse gene sets (``module_gene_fraction``) with signed
   loadings ``L_mg`` (mostly one sign per module, magnitude ~``module_loading_scale``); responsive
-  genes are drawn with a bias towards expressed genes (``response_expression_bias``).
+  genes are drawn with a bias towards expressed genes (``response_expression_bias``), never among
+  the very highly expressed ones.
 * Gene function: every gene ``g`` has a latent function vector ``z_g`` (0 to ``max_modules_per_pert``
   non-zero signed module weights) and a strength ``s_g``: a ``near_null_fraction`` of targets are
   near-null (strength below ``near_null_max_strength``), the rest log-uniform in
-  ``[strength_min, strength_max]``. ``pert_features.pt`` is a noisy random projection of
+  ``[strength_min, strength_max]`` (stratified over the targets, so every dataset spans the range). ``pert_features.pt`` is a noisy random projection of
   ``(z_g, log s_g)``, so a model that uses features can generalise to unseen perturbations.
 * Effect of knocking down gene ``g_p`` in context ``c`` (a logit shift, ``effects`` in truth.npz)::
 
@@ -46,14 +47,15 @@ Genes ``g``, contexts (cell types) ``c``, batches ``b`` (nested in contexts), pe
   lognormal jitter of sd ``pert_context_gain_sd``); ``B`` maps modules onto latent programs
   (``program_shift_sd``: effects along the natural axes of variation); ``a_pc``
   (``pert_context_gain_sd``, lognormal) is idiosyncratic per (perturbation, context).
-  Strong perturbations also lower library size (``pert_library_sd``). Entries of ``D`` below
-  1e-3 in magnitude are dropped (kept sparse).
+  ``D`` is soft-capped, ``D <- effect_max * tanh(D / effect_max)`` (at most ~20-fold by default),
+  and entries below 1e-3 in magnitude are dropped (kept sparse). Strong perturbations also lower
+  library size (``pert_library_sd``).
 * Guides: 2-4 per target (``min_guides``..``max_guides``), knockdown efficiency
   ``U(guide_efficiency_min, guide_efficiency_max)``, escaper fraction
   ``U(escaper_fraction_min, escaper_fraction_max)`` per guide. An escaper cell has no knockdown and
   no downstream effect. Other cells: the target's rate is multiplied by
   ``(1 - efficiency) * exp(N(0, knockdown_cell_sd))`` (capped at 1) and ``D_pc`` is scaled by a
-  per-cell response ``efficiency / 0.775 * Gamma(mean 1, cv response_cv)``.
+  per-cell response ``efficiency / mean efficiency * Gamma(mean 1, cv response_cv)``.
 * Counts: ``mu_ig = L_i * softmax_g(logit_i)``, ``L_i = median_b * exp(N(0, library_size_sd))``,
   ``x_ig ~ NB(mu_ig, theta_g)`` (the Gamma-Poisson mixture; sampled exactly by inverse CDF for
   small means and by Gamma then Poisson for large ones), all float32 and vectorised.
@@ -64,8 +66,9 @@ Genes ``g``, contexts (cell types) ``c``, batches ``b`` (nested in contexts), pe
   train, val or test there). Guides and batches are drawn per cell.
 
 Determinism: the same config gives byte-identical outputs. Randomness is drawn from independent
-streams (model parameters, cell plan, one stream per ``ROW_CHUNK`` rows of cells, FASTA, features,
-split), so the counts do not depend on ``block_rows`` (the write granularity) either.
+streams (model parameters, cell plan, one stream per chunk of :func:`chunk_rows` rows of cells
+(~400k matrix entries: cache-sized, 16 rows at 18,080 genes), FASTA, features, split), so the
+counts do not depend on ``block_rows`` (the write granularity) either.
 
 Outputs (in ``out_dir``): ``perturbseq.h5ad`` (or ``perturbseq_<value>.h5ad`` per cell type or
 batch), ``proteins.fasta``, ``pert_features.pt``, ``split.toml``, ``pert_counts.csv``,
@@ -98,7 +101,7 @@ from vcc_dist.constants import (
 )
 
 __all__ = [
-    "ROW_CHUNK",
+    "chunk_rows",
     "SIM_PRESETS",
     "SimConfig",
     "SimModel",
@@ -114,11 +117,13 @@ __all__ = [
     "load_truth",
     "truth_effects",
     "cell_barcodes",
+    "load_sim_config",
+    "gene_features",
+    "write_fasta",
+    "make_split",
+    "FIELD_DOCS",
 ]
 
-#: Rows of cells per random stream. Counts of rows [j*ROW_CHUNK, (j+1)*ROW_CHUNK) come from
-#: stream j alone, so any block size gives the same counts.
-ROW_CHUNK = 128
 
 #: Default context names (cell lines of the Replogle / STATE data), then ``ctx<i>``.
 DEFAULT_CONTEXT_NAMES = ("k562", "rpe1", "jurkat", "hepg2", "hek293t", "h1")
@@ -134,9 +139,6 @@ CONFIG_NAME = "sim_config.json"
 # True effects below this magnitude (log scale) are dropped (keeps them sparse; invisible anyway).
 _EFFECT_FLOOR = 1e-3
 
-# Mean of U(0.60, 0.95): the per-cell downstream response is efficiency / this.
-_MEAN_EFFICIENCY = 0.775
-
 # UniProt/Swiss-Prot amino-acid composition (percent).
 _AA = "ARNDCQEGHILKMFPSTWYV"
 _AA_FREQ = np.array(
@@ -151,6 +153,13 @@ _X_DTYPES = ("float32", "float64", "int32", "int64")
 _ORDERS = ("shuffled", "grouped")
 _SPLIT_BY = ("", CONTEXT_KEY, BATCH_KEY)
 _COMPRESSIONS = ("", "gzip", "lzf")
+
+
+def chunk_rows(n_genes: int) -> int:
+    """Rows of cells per random stream: counts of rows ``[j*R, (j+1)*R)`` come from stream ``j``
+    alone, so any block size gives the same counts. ``R`` is the power of two nearest to 400k
+    matrix entries (cache-sized numpy passes), clamped to [8, 256]: 16 at 18,080 genes."""
+    return int(min(256, max(8, 2 ** round(math.log2(400_000 / n_genes)))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,6 +222,7 @@ FIELD_DOCS: dict[str, str] = {
     "context_gene_switch_fraction": "fraction of module/private genes switched off (and added) per context",
     "pert_context_gain_sd": "log sd of per-(perturbation, context) effect gain (idiosyncratic)",
     "pert_library_sd": "sd of perturbation effect on log library size (scaled by strength)",
+    "effect_max": "soft cap on |effect| (log scale): D <- effect_max * tanh(D / effect_max)",
     "target_rank_min": "targets are drawn among genes with expression rank in [min, max) (fractions)",
     "target_rank_max": "see target_rank_min",
     "feature_dim": "dimension of pert_features.pt vectors",
@@ -295,6 +305,7 @@ class SimConfig:
     context_gene_switch_fraction: float = 0.1
     pert_context_gain_sd: float = 0.15
     pert_library_sd: float = 0.1
+    effect_max: float = 3.0
     target_rank_min: float = 0.01
     target_rank_max: float = 0.4
     # --- gene features and proteins ---
@@ -384,6 +395,8 @@ class SimConfig:
             _bad("library_size_median", self.library_size_median, "must be >= 10")
         if self.theta_median <= 0:
             _bad("theta_median", self.theta_median, "must be > 0")
+        if self.effect_max <= 0:
+            _bad("effect_max", self.effect_max, "must be > 0")
         if self.module_loading_scale <= 0:
             _bad("module_loading_scale", self.module_loading_scale, "must be > 0")
         if self.cells_per_group_shape <= 0:
@@ -464,7 +477,7 @@ SIM_PRESETS: dict[str, dict] = {
     "tiny": dict(
         n_cells=1500, n_genes=200, n_contexts=3, n_perturbations=12, n_batches_per_context=2,
         library_size_median=2000.0, n_programs=4, n_modules=6, n_fewshot=3, n_val=2,
-        n_control_guides=4, block_rows=512,
+        n_control_guides=4, block_rows=512, module_gene_fraction=0.05,
     ),
     "small": dict(
         n_cells=15000, n_genes=2000, n_contexts=4, n_perturbations=40, n_batches_per_context=3,
@@ -626,7 +639,10 @@ def build_model(config: SimConfig) -> SimModel:
 
     # --- response modules ---
     # Responsive genes are drawn with a bias towards expressed genes (as detectable DE genes are).
+    # The very highly expressed genes (ribosomal/mitochondrial-like) are not in response sets: a
+    # 10-fold change of a gene holding 10% of the UMIs would rescale the whole transcriptome.
     resp_w = np.exp(cfg.response_expression_bias * np.clip(z, -3.0, 3.0))
+    resp_w[hi] = 0.0
     resp_w /= resp_w.sum()
     mod_genes, mod_load = [], []
     for m in range(M):
@@ -665,6 +681,11 @@ def build_model(config: SimConfig) -> SimModel:
     near_null = np.zeros(P, bool)
     near_null[rng.choice(P, size=n_null, replace=False)] = True
     strength[pert_gene[near_null]] = rng.uniform(0.0, cfg.near_null_max_strength, n_null)
+    # the others: stratified log-uniform, so every dataset spans weak to strong evenly
+    n_act = P - n_null
+    strata = (rng.permutation(n_act) + rng.random(n_act)) / max(n_act, 1)
+    lo_s, hi_s = math.log(cfg.strength_min), math.log(cfg.strength_max)
+    strength[pert_gene[~near_null]] = np.exp(lo_s + strata * (hi_s - lo_s))
 
     # --- context modulation ---
     ctx_mod_gain = np.exp(rng.normal(0.0, cfg.context_module_gain_sd, (C, M)))
@@ -697,6 +718,7 @@ def build_model(config: SimConfig) -> SimModel:
         jitter = np.exp(rng.normal(0.0, cfg.pert_context_gain_sd, (P, G)))  # per-gene private jitter
         d = (zp * ctx_mod_gain[c]) @ Lc[c] + priv * mask * jitter + prog_shift @ W
         d *= (sp_ * pert_ctx_gain[:, c])[:, None]
+        d = cfg.effect_max * np.tanh(d / cfg.effect_max)  # soft cap: products of lognormals have long tails
         rows.append(d.astype(f32))
     # rows ordered p*C + c
     D = np.stack(rows, axis=1).reshape(P * C, G)
@@ -917,7 +939,8 @@ def _chunk_counts(model: SimModel, plan: CellPlan, j: int) -> tuple[np.ndarray, 
     """Counts of row chunk ``j`` as CSR pieces ``(indptr, indices, counts, totals)``."""
     cfg = model.config
     f32 = np.float32
-    r0, r1 = j * ROW_CHUNK, min((j + 1) * ROW_CHUNK, plan.n_cells)
+    R = chunk_rows(cfg.n_genes)
+    r0, r1 = j * R, min((j + 1) * R, plan.n_cells)
     n = r1 - r0
     G = cfg.n_genes
     C = cfg.n_contexts
@@ -939,7 +962,8 @@ def _chunk_counts(model: SimModel, plan: CellPlan, j: int) -> tuple[np.ndarray, 
     if cfg.n_programs:
         logit += scores @ model.program_loadings
     eff = model.guide_efficiency[guide]
-    mult = np.where(resp, eff / f32(_MEAN_EFFICIENCY) * gam, f32(0.0)).astype(f32)
+    mean_eff = f32(0.5 * (cfg.guide_efficiency_min + cfg.guide_efficiency_max))
+    mult = np.where(resp, eff / mean_eff * gam, f32(0.0)).astype(f32)
     log_lib = model.batch_log_library[batch] + f32(cfg.library_size_sd) * lib_noise
     ri = np.flatnonzero(resp)
     if ri.size:
@@ -963,7 +987,7 @@ def _chunk_counts(model: SimModel, plan: CellPlan, j: int) -> tuple[np.ndarray, 
     flat = counts.reshape(-1)
     nzi = np.flatnonzero(flat != 0)
     indptr = np.searchsorted(nzi, np.arange(n + 1, dtype=np.int64) * G)
-    indices = nzi.astype(np.int32)  # n * G < 2**31 (ROW_CHUNK rows, < 10^7 genes)
+    indices = nzi.astype(np.int32)  # n * G < 2**31 (<= 256 rows, < 10^7 genes)
     indices -= np.repeat(np.arange(n, dtype=np.int32) * np.int32(G), np.diff(indptr))
     data = flat.take(nzi)
     totals = counts.sum(axis=1, dtype=np.int64)
@@ -973,17 +997,18 @@ def _chunk_counts(model: SimModel, plan: CellPlan, j: int) -> tuple[np.ndarray, 
 def sample_counts(model: SimModel, plan: CellPlan, start: int, stop: int) -> tuple[sp.csr_matrix, np.ndarray]:
     """Raw counts of rows ``[start, stop)`` as CSR (``config.x_dtype``) and per-cell totals.
 
-    ``start`` must be a multiple of :data:`ROW_CHUNK` (counts are tied to fixed row chunks).
+    ``start`` must be a multiple of :func:`chunk_rows` (counts are tied to fixed row chunks).
     """
-    if start % ROW_CHUNK:
-        raise ValueError(f"start={start} must be a multiple of ROW_CHUNK={ROW_CHUNK}")
+    R = chunk_rows(model.config.n_genes)
+    if start % R:
+        raise ValueError(f"start={start} must be a multiple of chunk_rows(n_genes)={R}")
     stop = min(stop, plan.n_cells)
     dtype = np.dtype(model.config.x_dtype)
     ptrs, inds, datas, tots = [], [], [], []
     offset = 0
-    for j in range(start // ROW_CHUNK, -(-stop // ROW_CHUNK)):
+    for j in range(start // R, -(-stop // R)):
         indptr, indices, data, totals = _chunk_counts(model, plan, j)
-        r0 = j * ROW_CHUNK
+        r0 = j * R
         keep = min(stop - r0, len(totals))
         if keep < len(totals):
             indptr = indptr[: keep + 1]
@@ -1006,9 +1031,10 @@ def sample_counts(model: SimModel, plan: CellPlan, start: int, stop: int) -> tup
 def iter_count_blocks(model: SimModel, plan: CellPlan, block_rows: int | None = None
                       ) -> Iterator[tuple[int, sp.csr_matrix, np.ndarray]]:
     """Yield ``(start_row, csr_block, totals)`` over all cells, ``block_rows`` (rounded up to a
-    multiple of :data:`ROW_CHUNK`) rows at a time."""
+    multiple of :func:`chunk_rows`) rows at a time."""
     br = block_rows or model.config.block_rows
-    br = max(ROW_CHUNK, -(-br // ROW_CHUNK) * ROW_CHUNK)
+    R = chunk_rows(model.config.n_genes)
+    br = max(R, -(-br // R) * R)
     for start in range(0, plan.n_cells, br):
         X, tot = sample_counts(model, plan, start, start + br)
         yield start, X, tot
