@@ -22,6 +22,7 @@ input file's size.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -68,7 +69,8 @@ class ConvertConfig:
     gene_id_column: str | None = "auto"  # var column with gene ids; "auto" finds gene_id(s)
     genes_file: str | None = None  # fixed vocabulary; default: union of the inputs' genes
     gene_conflicts: str = "error"  # error | prefer-id
-    max_cells_per_store: int = 2_000_000
+    #: larger inputs become several stores, converted in parallel (one Ray task each)
+    max_cells_per_store: int = 131_072
     read_budget_mb: int = 128
     chunk_rows: int = 32
     shard_mb: int = 64
@@ -367,6 +369,36 @@ def _csc_to_scratch(src: H5adSource, scratch_dir: Path, budget: int, a: int, b: 
     return scratch, row_nnz
 
 
+def _release_free_memory() -> None:
+    """Give freed heap pages back to the OS (glibc only).
+
+    Codec threads allocate in their own malloc arenas; without a trim, freed blocks stay in
+    those arenas and a task's RSS creeps up with the number of blocks it has processed, i.e.
+    with input size. ``malloc_trim`` returns them, keeping peak RSS flat."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
+def _has_zarrs() -> bool:
+    try:
+        import zarrs  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -397,34 +429,51 @@ def convert_store(task: StoreTask, cfg: ConvertConfig, corpus_dir: str, genes: l
             bat_c, bat_cats = _sorted_codes(labels[K.BATCH_KEY])
             order = np.lexsort((bat_c, pert_c, ctx_c))  # output row i <- local source row order[i]
 
-            # ---- pass A: validate, totals, nnz after mapping, max; scratch copy if needed
+            # ---- pass 1 (sequential): validate, totals, nnz after mapping, max; and, when the
+            # source is out of output order, route each row into the bucket file of its output
+            # range (a distribution sort: every read and write is sequential, see module doc)
             fmt = src.info.fmt
             totals = np.zeros(n, np.float64)
             kept_nnz = np.zeros(n, np.int64)
             max_value = 0.0
-            runs = 1 + int(np.count_nonzero(np.diff(order) != 1)) if n > 1 else 1
-            # gather straight from the source when row reads are cheap: uncompressed CSR, or
-            # compressed CSR already (nearly) in output order
-            direct = fmt == "csr" and (not src.info.compressed or n / runs >= 64)
             drop = bool((gmap < 0).any())
 
             def check(data, row_of):
                 _check_values(data, e.source, row_of)
 
-            if fmt == "csc":
+            if fmt == "csc":  # rows are scattered over all columns: transpose into a scratch
                 scratch_dir.mkdir(parents=True)
                 scratch, _ = _csc_to_scratch(src, scratch_dir, budget, a, b, check)
+            elif fmt == "dense":  # non-zeros unknown up front: copy into a sparse scratch first
+                scratch_dir.mkdir(parents=True)
+                scratch = _Scratch(scratch_dir / "scratch.h5", None, src.info.dtype, n)
+                for _, _, m in src.iter_row_blocks(a, b, budget):
+                    check(m.data, lambda k: a + scratch.row)
+                    scratch.append(m)
+            if scratch is not None:
+                row_nnz = np.diff(scratch.indptr)
                 blocks = ((r0, r1, scratch.read_rows(np.arange(r0, r1), src.n_vars))
                           for r0, r1 in _ranges(scratch.indptr, budget))
             else:
-                if not direct:
-                    scratch_dir.mkdir(parents=True)
-                    scratch = _Scratch(scratch_dir / "scratch.h5",
-                                       int(src._indptr[b] - src._indptr[a]) if fmt == "csr"
-                                       else None, src.info.dtype, n)
+                row_nnz = src.row_nnz(a, b)
                 blocks = ((r0 - a, r1 - a, m) for r0, r1, m in src.iter_row_blocks(a, b, budget))
-            for r0, r1, m in blocks:
-                if fmt != "csc":
+            runs = 1 + int(np.count_nonzero(np.diff(order) != 1)) if n > 1 else 1
+            bucketed = n / runs < 64  # mostly in output order: gather runs straight from source
+            pos = np.empty(n, np.int64)
+            pos[order] = np.arange(n)
+            if bucketed:
+                scratch_dir.mkdir(parents=True, exist_ok=True)
+                cap = max(budget // 16, 1)  # entries per bucket (~4-8 bytes each on disk)
+                ocum = np.cumsum(row_nnz[order])
+                edges = [0]
+                while edges[-1] < n:
+                    base = ocum[edges[-1] - 1] if edges[-1] else 0
+                    nxt = int(np.searchsorted(ocum, base + cap, side="right"))
+                    edges.append(min(max(nxt, edges[-1] + 1), n))
+                edges = np.asarray(edges)
+                bucket_of_src = np.searchsorted(edges, pos, side="right") - 1
+            for nblk, (r0, r1, m) in enumerate(blocks):
+                if fmt == "csr":
                     ip = m.indptr
                     check(m.data, lambda k, ip=ip, r0=r0: a + r0 + int(
                         np.searchsorted(ip, k, side="right") - 1))
@@ -436,8 +485,19 @@ def convert_store(task: StoreTask, cfg: ConvertConfig, corpus_dir: str, genes: l
                     m.data[gmap[m.indices] < 0] = 0
                 m.eliminate_zeros()
                 kept_nnz[r0:r1] = np.diff(m.indptr)
-                if scratch is not None and fmt != "csc":
-                    scratch.append(m)
+                if bucketed:
+                    bk = bucket_of_src[r0:r1]
+                    srt = np.argsort(bk, kind="stable")
+                    mm = m[srt]
+                    bks = bk[srt]
+                    cut = np.flatnonzero(np.r_[True, bks[1:] != bks[:-1], True])
+                    for s0, s1 in zip(cut[:-1], cut[1:]):
+                        e0, e1 = mm.indptr[s0], mm.indptr[s1]
+                        _write_segment(scratch_dir / f"b{bks[s0]:06d}.bin", r0 + srt[s0:s1],
+                                       np.diff(mm.indptr[s0:s1 + 1]), mm.data[e0:e1],
+                                       mm.indices[e0:e1])
+                if nblk % 8 == 0:
+                    _release_free_memory()
                 if progress is not None:
                     progress("scan", r1 - r0)
             nnz = int(kept_nnz.sum())
@@ -469,6 +529,10 @@ def convert_store(task: StoreTask, cfg: ConvertConfig, corpus_dir: str, genes: l
             del obs
             root = zarr.open_group(str(tmp), mode="a", use_consolidated=False)
             writer = CSRStoreWriter(root, n, G, nnz, layout)
+            # the Rust codec pipeline encodes shards on all cores, off the GIL (STACK_NOTES)
+            zcfg = zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}) \
+                if _has_zarrs() else contextlib.nullcontext()
+            zcfg.__enter__()
 
             # ---- pass B: gather in output order, map genes, write, accumulate
             acc = GeneAccumulator(n_genes=G)
@@ -482,28 +546,22 @@ def convert_store(task: StoreTask, cfg: ConvertConfig, corpus_dir: str, genes: l
             # pass B holds ~50 bytes of temporaries per non-zero (gather, reorder, map, stats):
             # size its blocks so those stay within the read budget
             per_entry = 50
-            o0 = 0
-            reader = (scratch.read_rows if scratch is not None else
-                      (lambda rows, ncol: src.read_rows(rows + a)))
-            while o0 < n:
-                lim = (cum[o0 - 1] if o0 else 0) + max(budget // per_entry, 1)
-                o1 = int(np.searchsorted(cum, lim, side="right"))
-                o1 = min(max(o1, o0 + 1), n)
-                rows = order[o0:o1]
-                srt = np.argsort(rows, kind="stable")
-                blk = reader(rows[srt], src.n_vars)
-                inv = np.empty_like(srt)
-                inv[srt] = np.arange(len(srt))
-                blk = blk[inv]
+            if bucketed:
+                out_blocks = _bucket_blocks(scratch_dir, edges, pos, src.n_vars, budget // per_entry)
+            else:
+                reader = (scratch.read_rows if scratch is not None else
+                          (lambda rows, ncol: src.read_rows(rows + a)))
+                out_blocks = _gather_blocks(reader, order, cum, src.n_vars, budget // per_entry)
+            for o0, o1, blk in out_blocks:
                 data, ind, ip = _map_block(blk, gmap, G)
                 writer.append(data.astype(layout.data_dtype), ind.astype(layout.indices_dtype), ip)
                 lg = acc.update(data, ind, ip, sorted_tot[o0:o1])
                 pb.add(o0, o1, ip, ind, lg, cond_starts, cond_stops)
                 if progress is not None:
                     progress("write", o1 - o0)
-                o0 = o1
             writer.close()
             pb.close()
+            zcfg.__exit__(None, None, None)
 
             # ---- uns: groups, conditions, store manifest; then commit by rename
             gkey = np.stack([ctx_c[order], pert_c[order], bat_c[order]], 1)
@@ -542,12 +600,90 @@ def convert_store(task: StoreTask, cfg: ConvertConfig, corpus_dir: str, genes: l
         os.rename(tmp, final)  # the commit point
         return {"name": e.name, "n_cells": n, "nnz": nnz, "seconds": time.perf_counter() - t0,
                 "peak_rss_mb": _peak_rss_mb(), "peak_rss_mb_at_start": rss0,
-                "layout": layout.to_dict(), "direct_gather": bool(direct)}
+                "layout": layout.to_dict(), "bucketed": bool(bucketed)}
     finally:
         if scratch is not None:
             scratch.f.close()
         shutil.rmtree(scratch_dir, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_SEG_DATA = (np.uint16, np.uint32, np.float64)
+_SEG_IND = (np.uint16, np.uint32, np.int64)
+
+
+def _write_segment(path: Path, rows: np.ndarray, nnz: np.ndarray, data: np.ndarray,
+                   ind: np.ndarray) -> None:
+    """Append rows (their local ids, non-zeros per row, values, columns) to a bucket file, in
+    the smallest dtypes that hold them (values are validated integer counts)."""
+    mx = float(data.max()) if data.size else 0.0
+    dc = 0 if mx < 2**16 else (1 if mx < 2**32 else 2)
+    im = int(ind.max()) if ind.size else 0
+    ic = 0 if im < 2**16 else (1 if im < 2**32 else 2)
+    with open(path, "ab") as f:
+        np.array([len(rows), len(data), dc, ic], np.int64).tofile(f)
+        np.asarray(rows, np.int64).tofile(f)
+        np.asarray(nnz, np.int64).tofile(f)
+        np.asarray(data).astype(_SEG_DATA[dc]).tofile(f)
+        np.asarray(ind).astype(_SEG_IND[ic]).tofile(f)
+
+
+def _read_bucket(path: Path):
+    buf = np.fromfile(path, dtype=np.uint8)
+    rows, nnz, data, ind = [], [], [], []
+    off = 0
+    while off < buf.size:
+        nr, ne, dc, ic = (int(v) for v in buf[off:off + 32].view(np.int64))
+        off += 32
+        for out, dt, k in ((rows, np.int64, nr), (nnz, np.int64, nr), (data, _SEG_DATA[dc], ne),
+                           (ind, _SEG_IND[ic], ne)):
+            nb = k * np.dtype(dt).itemsize
+            out.append(buf[off:off + nb].view(dt))
+            off += nb
+    ind = np.concatenate(ind)
+    return (np.concatenate(rows), np.concatenate(nnz), np.concatenate(data),
+            ind.astype(np.int32 if ind.size == 0 or ind.max() < 2**31 else np.int64))
+
+
+def _sub_blocks(cum: np.ndarray, start: int, stop: int, max_entries: int):
+    """Split rows [start, stop) into runs of at most max_entries non-zeros (>= 1 row)."""
+    o0 = start
+    while o0 < stop:
+        base = cum[o0 - 1] if o0 else 0
+        o1 = int(np.searchsorted(cum, base + max(max_entries, 1), side="right"))
+        o1 = min(max(o1, o0 + 1), stop)
+        yield o0, o1
+        o0 = o1
+
+
+def _gather_blocks(reader, order, cum, n_cols, max_entries):
+    """Output blocks read straight from the source (it is mostly in output order)."""
+    for o0, o1 in _sub_blocks(cum, 0, len(order), max_entries):
+        rows = order[o0:o1]
+        srt = np.argsort(rows, kind="stable")
+        blk = reader(rows[srt], n_cols)
+        inv = np.empty_like(srt)
+        inv[srt] = np.arange(len(srt))
+        yield o0, o1, blk[inv]
+
+
+def _bucket_blocks(scratch_dir: Path, edges, pos, n_cols, max_entries):
+    """Output blocks from the bucket files: each bucket holds one output row range."""
+    for k in range(len(edges) - 1):
+        lo, hi = int(edges[k]), int(edges[k + 1])
+        path = scratch_dir / f"b{k:06d}.bin"
+        _release_free_memory()
+        rows, nnz, data, ind = _read_bucket(path)  # every bucket has >= 1 row, so a file
+        path.unlink()
+        tgt = pos[rows] - lo
+        if len(rows) != hi - lo or not np.array_equal(np.sort(tgt), np.arange(hi - lo)):
+            raise RuntimeError(f"bucket {k} is incomplete: {len(rows)} of {hi - lo} rows")
+        perm = np.argsort(tgt)
+        blk = sp.csr_matrix((data, ind, np.r_[0, np.cumsum(nnz)]),
+                            shape=(len(rows), n_cols))[perm]
+        bcum = np.cumsum(np.diff(blk.indptr))
+        for s0, s1 in _sub_blocks(bcum, 0, hi - lo, max_entries):
+            yield lo + s0, lo + s1, blk[s0:s1]
 
 
 def _ranges(indptr: np.ndarray, budget: int):
