@@ -30,6 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import du  # noqa: E402
 
 NAIVE = """
 import sys, warnings, anndata as ad
@@ -74,15 +77,6 @@ def _run(target: str, args: list[str], code: str = "", mem_limit_gb: float | Non
             "stdout": p.stdout}
 
 
-def _du(path: Path) -> tuple[int, int]:
-    size = files = 0
-    for root, _, fs in os.walk(path):
-        for f in fs:
-            size += os.path.getsize(os.path.join(root, f))
-            files += 1
-    return size, files
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,7 +115,7 @@ def main() -> None:
         ours["driver_peak_rss_mb"] = ours.pop("peak_rss_mb")
         ours["task_peak_rss_mb"] = tasks
         ours["peak_rss_mb"] = max(tasks)  # per conversion task: what bounds a worker's memory
-        size, files = _du(out)
+        size, files = du(out)
         ours.update(cells_per_s=round(n_cells / ours["seconds"], 1), bytes=size, files=files)
         row = {"preset": preset, "cells": n_cells, "genes": n_genes, "nnz": nnz,
                "density": round(nnz / n_cells / n_genes, 4),
@@ -134,7 +128,7 @@ def main() -> None:
                          mem_limit_gb=a.naive_mem_limit_gb)
             naive.pop("stdout")
             if naive["returncode"] == 0:
-                size, files = _du(nout)
+                size, files = du(nout)
                 naive.update(cells_per_s=round(n_cells / naive["seconds"], 1), bytes=size,
                              files=files)
             shutil.rmtree(nout, ignore_errors=True)

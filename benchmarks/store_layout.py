@@ -33,18 +33,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import du  # noqa: E402
 warnings.filterwarnings("ignore")
-
-
-def _du(path: Path) -> tuple[int, int]:
-    if path.is_file():
-        return path.stat().st_size, 1
-    size = files = 0
-    for root, _, fs in os.walk(path):
-        for f in fs:
-            size += os.path.getsize(os.path.join(root, f))
-            files += 1
-    return size, files
 
 
 class PlainReader:
@@ -118,7 +110,7 @@ def main() -> None:
                                      progress=False, **opts))
         conv_s = time.perf_counter() - t0
         store = out / "stores" / "perturbseq.zarr"
-        size, files = _du(store / "X")
+        size, files = du(store / "X")
         row = {"layout": label, "bytes_X": size, "files_X": files, "convert_s": round(conv_s, 1)}
         for pipeline in ("default", "zarrs"):
             path = ("zarr.core.codec_pipeline.BatchedCodecPipeline" if pipeline == "default"
@@ -143,7 +135,7 @@ def main() -> None:
     t0 = time.perf_counter()
     ad.read_h5ad(h5ad).write_zarr(dz)
     conv_s = time.perf_counter() - t0
-    size, files = _du(dz / "X")
+    size, files = du(dz / "X")
     sd = sparse_dataset(zarr.open_group(str(dz), mode="r")["X"])
     chunk = zarr.open_group(str(dz), mode="r")["X/data"].chunks
     row = {"layout": f"anndata default zarr (chunks {chunk[0]})", "bytes_X": size,
@@ -162,7 +154,7 @@ def main() -> None:
     sd = sparse_dataset(f["X"])
     ip = f["X/indptr"][:]
     d, i = f["X/data"], f["X/indices"]
-    size, files = _du(h5ad)
+    size, files = du(h5ad)
     row = {"layout": "backed h5ad (uncompressed source)", "bytes_X": size, "files_X": files,
            "random_cells_s_anndata_api": round(_time_reads(lambda p, q: sd[p:q], n_obs, a.rows,
                                                            a.reads)),

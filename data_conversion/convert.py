@@ -47,7 +47,7 @@ from vcc_dist import constants as K
 from vcc_dist.data.corpus import (CorpusManifest, GeneAccumulator, StoreEntry, load_manifest,
                                   store_path)
 
-from .source import ConversionError, H5adSource, file_fingerprint
+from .source import ConversionError, H5adSource, file_fingerprint, gather_rows
 from .store_writer import CSRStoreWriter, StoreLayout, choose_layout
 from .vocab import GeneSpace, build_vocabulary
 
@@ -306,17 +306,7 @@ class _Scratch:
         self.row += blk.shape[0]
 
     def read_rows(self, rows: np.ndarray, n_cols: int) -> sp.csr_matrix:
-        ip = self.indptr
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        starts, stops = np.r_[0, breaks], np.r_[breaks, len(rows)]
-        datas, inds = [], []
-        for s, e in zip(starts, stops):
-            a, b = int(ip[rows[s]]), int(ip[rows[e - 1] + 1])
-            datas.append(self.data[a:b])
-            inds.append(self.indices[a:b])
-        indptr = np.r_[0, np.cumsum(ip[rows + 1] - ip[rows])]
-        return sp.csr_matrix((np.concatenate(datas), np.concatenate(inds), indptr),
-                             shape=(len(rows), n_cols))
+        return gather_rows(self.data, self.indices, self.indptr, rows, n_cols)
 
     def close(self) -> None:
         self.f.close()

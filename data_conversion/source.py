@@ -126,6 +126,22 @@ class RawH5Array:
             self.fd = None
 
 
+def gather_rows(data, indices, indptr: np.ndarray, rows: np.ndarray,
+                n_cols: int) -> sp.csr_matrix:
+    """CSR rows ``rows`` (sorted, unique) from array-likes ``data``/``indices`` sliced by element
+    range: one slice of each per run of consecutive rows."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts, stops = np.r_[0, breaks], np.r_[breaks, len(rows)]
+    datas, inds = [], []
+    for s, e in zip(starts, stops):
+        a, b = int(indptr[rows[s]]), int(indptr[rows[e - 1] + 1])
+        datas.append(data[a:b])
+        inds.append(indices[a:b])
+    out_ptr = np.r_[0, np.cumsum(indptr[rows + 1] - indptr[rows])]
+    return sp.csr_matrix((np.concatenate(datas), np.concatenate(inds), out_ptr),
+                         shape=(len(rows), n_cols))
+
+
 class H5adSource:
     """One h5ad file opened read-only. Use as a context manager or call `close()`."""
 
@@ -302,21 +318,9 @@ class H5adSource:
 
     def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
         """Rows (sorted ascending, unique) of a CSR source; one read per run of rows."""
-        ip = self._indptr
         if len(rows) == 0:
             return sp.csr_matrix((0, self.n_vars), dtype=self.info.dtype)
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        starts = np.r_[0, breaks]
-        stops = np.r_[breaks, len(rows)]
-        datas, inds = [], []
-        for s, e in zip(starts, stops):
-            a, b = int(ip[rows[s]]), int(ip[rows[e - 1] + 1])
-            datas.append(self._data[a:b])
-            inds.append(self._indices[a:b])
-        nnz = ip[rows + 1] - ip[rows]
-        indptr = np.r_[0, np.cumsum(nnz)]
-        return sp.csr_matrix((np.concatenate(datas), np.concatenate(inds), indptr),
-                             shape=(len(rows), self.n_vars))
+        return gather_rows(self._data, self._indices, self._indptr, rows, self.n_vars)
 
     def iter_csc_columns(self, budget_bytes: int):
         """Yield (c0, c1, data, indices(row ids), indptr) column blocks of a CSC source."""
