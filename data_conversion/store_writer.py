@@ -34,7 +34,8 @@ def choose_layout(n_genes: int, max_value: float, mean_nnz_per_row: float, chunk
     """Smallest exact dtypes; inner chunks holding ~chunk_rows rows; shards of ~shard_mb MiB.
 
     Chunk and shard sizes are powers of two so every store of a corpus reads alike; the choice of
-    32 rows, lz4 and 128 MiB comes from benchmarks/store_layout.py (see its RESULTS.md).
+    32 rows and lz4 comes from benchmarks/store_layout.py (see benchmarks/RESULTS.md); 64 MiB
+    shards keep a 1.9e9-non-zero store to ~60 files per array.
     """
     if max_value < 2**8:
         ddt = "uint8"
