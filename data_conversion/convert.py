@@ -402,6 +402,8 @@ def convert_store(task: StoreTask, cfg: ConvertConfig, corpus_dir: str, genes: l
     t0 = time.perf_counter()
     rss0 = _peak_rss_mb()
     e = task.entry
+    if progress is None and cfg.progress:
+        progress = _ProgressLines(e.name, e.source_rows[1] - e.source_rows[0])
     a, b = e.source_rows
     n = b - a
     G = len(genes)
@@ -595,6 +597,11 @@ def convert_store(task: StoreTask, cfg: ConvertConfig, corpus_dir: str, genes: l
         return {"name": e.name, "n_cells": n, "nnz": nnz, "seconds": time.perf_counter() - t0,
                 "peak_rss_mb": _peak_rss_mb(), "peak_rss_mb_at_start": rss0,
                 "layout": layout.to_dict(), "bucketed": bool(bucketed)}
+    except (OSError, KeyError) as err:  # h5py's errors for damaged files
+        raise ConversionError(
+            f"{e.source}: reading failed during conversion of store {e.name} ({type(err).__name__}: "
+            f"{err}). The file is truncated or corrupt: re-export it (anndata write_h5ad) or remove "
+            "it from the inputs; nothing of this store was kept.") from None
     finally:
         stack.close()
         if scratch is not None:
@@ -679,6 +686,24 @@ def _bucket_blocks(scratch_dir: Path, edges, pos, n_cols, max_entries):
         bcum = np.cumsum(np.diff(blk.indptr))
         for s0, s1 in _sub_blocks(bcum, 0, hi - lo, max_entries):
             yield lo + s0, lo + s1, blk[s0:s1]
+
+
+class _ProgressLines:
+    """Progress of one store as log lines every 10% of each pass (from a Ray task, a tqdm bar
+    would interleave with the driver's; Ray forwards these lines to the driver's console)."""
+
+    def __init__(self, name: str, n: int):
+        self.name, self.n = name, max(n, 1)
+        self.done = {"scan": 0, "write": 0}
+        self.shown = {"scan": 0, "write": 0}
+
+    def __call__(self, phase: str, rows: int) -> None:
+        self.done[phase] += rows
+        pct = 100 * self.done[phase] // self.n
+        if pct >= self.shown[phase] + 10:
+            self.shown[phase] = pct - pct % 10
+            what = "pass 1 (read, validate, sort)" if phase == "scan" else "pass 2 (write)"
+            print(f"  store {self.name}: {what} {self.shown[phase]}%", flush=True)
 
 
 def _ranges(indptr: np.ndarray, budget: int):
@@ -767,16 +792,20 @@ def _store_is_complete(path: Path, entry: StoreEntry, vocab_hash: str) -> bool:
             and list(np.asarray(meta.get("source_rows")).tolist()) == entry.source_rows)
 
 
+_FINALIZE_ONLY = {"n_top_genes"}
+
+
 def _reconcile(existing: CorpusManifest | None, planned: CorpusManifest, corpus: Path,
                cfg: ConvertConfig) -> CorpusManifest:
     """Resume logic: keep completed stores that still match their sources; refuse silent
     changes of options or vocabulary."""
     if existing is None:
         return planned
-    if existing.options != planned.options:
-        diff = {k: (existing.options.get(k), planned.options.get(k))
-                for k in set(existing.options) | set(planned.options)
-                if existing.options.get(k) != planned.options.get(k)}
+    # options that only shape the final statistics are re-applied on resume, not refused
+    diff = {k: (existing.options.get(k), planned.options.get(k))
+            for k in set(existing.options) | set(planned.options)
+            if existing.options.get(k) != planned.options.get(k) and k not in _FINALIZE_ONLY}
+    if diff:
         raise ConversionError(
             f"{corpus} was converted with other options {diff} (stored, asked). Fix: use the "
             "original options to resume, a new output directory, or --overwrite.")

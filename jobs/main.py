@@ -58,16 +58,17 @@ def stage_simulate(out: Path, preset: str, seed: int, overrides: dict, split_by:
     return list(res.h5ad_paths)
 
 
-def stage_convert(out: Path, h5ads, num_cpus: int | None, progress: bool):
+def stage_convert(out: Path, h5ads, num_cpus: int | None, progress: bool, n_top_genes: int):
     from data_conversion import ConvertConfig, convert_corpus
     from vcc_dist.data.corpus import CorpusError, load_manifest
     from vcc_dist.ray_utils import ensure_ray
 
     corpus = out / "corpus"
-    cfg = ConvertConfig(inputs=tuple(str(p) for p in h5ads), out=str(corpus), progress=progress)
+    cfg = ConvertConfig(inputs=tuple(str(p) for p in h5ads), out=str(corpus), progress=progress,
+                        n_top_genes=n_top_genes)
     try:
         m = load_manifest(corpus)
-        if (m.options == cfg.stored_options()
+        if (m.options == cfg.stored_options() and m.status == "complete"
                 and sorted(s.source for s in m.stores) == sorted(str(p) for p in h5ads)):
             _say(f"[2/4] convert: corpus complete, skipped ({corpus})")
             return m
@@ -117,9 +118,18 @@ def main(argv=None) -> int:
                    help="one h5ad per cell type (default), per batch, or one file ('')")
     p.add_argument("--num-cpus", type=int, default=None,
                    help="CPUs for the embedded local Ray (default: all)")
+    p.add_argument("--n-top-genes", type=int, default=None,
+                   help="highly variable genes to flag (default: min(2000, genes / 4))")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
+    try:
+        return _run(a)
+    except ValueError as e:  # ConversionError, CorpusError, bad settings: the message says the fix
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
+
+def _run(a) -> int:
     from vcc_dist.data.simulate import parse_overrides
 
     out = Path(a.out)
@@ -127,7 +137,13 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     h5ads = stage_simulate(out, a.preset, a.seed, parse_overrides(a.set), a.split_files_by,
                            not a.no_progress)
-    stage_convert(out, h5ads, a.num_cpus, not a.no_progress)
+    import h5py
+
+    with h5py.File(h5ads[0], "r") as f:
+        n_genes = int(f["X"].attrs["shape"][1])
+    # 2,000 HVGs is the convention at ~18k genes; small simulated gene spaces keep a quarter
+    n_top = a.n_top_genes or min(2000, max(n_genes // 4, 1))
+    stage_convert(out, h5ads, a.num_cpus, not a.no_progress, n_top)
     stage_validate(out)
     stats = stage_statistics(out)
     rel = lambda q: Path(q).relative_to(out)  # noqa: E731

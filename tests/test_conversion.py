@@ -214,6 +214,22 @@ def test_bad_input_clear_error_nothing_half_written(tmp_path, kind, pattern):
             load_manifest(corpus)
 
 
+def test_corrupt_compressed_chunk_is_a_clear_error(tmp_path):
+    """The file opens fine; one compressed chunk of X is damaged and fails mid-conversion."""
+    p = write(make_adata(n=3000, g=200, density=0.5), tmp_path / "bad.h5ad", compression="gzip")
+    with h5py.File(p, "r") as f:
+        d = f["X/data"]
+        off = d.id.get_chunk_info(d.id.get_num_chunks() // 2).byte_offset
+    with open(p, "r+b") as fh:
+        fh.seek(off + 10)
+        fh.write(b"\xff" * 64)
+    with pytest.raises(ConversionError, match=r"bad.h5ad: reading failed.*truncated or corrupt"):
+        _convert([p], tmp_path / "c")
+    stores = tmp_path / "c" / K.CORPUS_STORES_DIR
+    assert not list(stores.iterdir())  # no store, no temporaries
+    assert load_manifest(tmp_path / "c", require_complete=False).status != "complete"
+
+
 def test_obs_map_and_fill_fix_missing_columns(tmp_path):
     a = make_adata(n=80, g=12)
     a.obs = a.obs.rename(columns={"target_gene": "gene", "cell_type": "cell_line"}).drop(
@@ -286,6 +302,11 @@ def test_resume_refuses_changed_options_and_sources(tmp_path):
     _convert([tmp_path / "a.h5ad"], tmp_path / "c")
     with pytest.raises(ConversionError, match=r"other options.*compressor"):
         _convert([tmp_path / "a.h5ad"], tmp_path / "c", compressor="zstd")
+    # n_top_genes only shapes the final statistics: re-applied without reconverting
+    before = store_path(tmp_path / "c", "a").stat().st_mtime_ns
+    m = _convert([tmp_path / "a.h5ad"], tmp_path / "c", n_top_genes=3)
+    assert m.summary["n_highly_variable"] >= 3 and m.gene_table()["highly_variable"].sum() < 12
+    assert store_path(tmp_path / "c", "a").stat().st_mtime_ns == before
     write(make_adata(n=80, g=12, seed=5), tmp_path / "a.h5ad")
     with pytest.raises(ConversionError, match="changed since store a was written.*--overwrite"):
         _convert([tmp_path / "a.h5ad"], tmp_path / "c")
