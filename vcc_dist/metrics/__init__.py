@@ -1,0 +1,1 @@
+"""Challenge metrics (DES, PDS, MAE, overall score) with cell-eval 0.8.2 semantics, baselines."""
