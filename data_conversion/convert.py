@@ -314,7 +314,7 @@ class _Scratch:
 
 
 def _csc_to_scratch(src: H5adSource, scratch_dir: Path, budget: int, a: int, b: int,
-                    check) -> tuple[_Scratch, np.ndarray]:
+                    check) -> _Scratch:
     """External transpose of CSC rows [a, b) into a scratch CSR, bounded memory.
 
     Entries are bucketed by row range into flat binary files (one sequential pass over the
@@ -359,7 +359,7 @@ def _csc_to_scratch(src: H5adSource, scratch_dir: Path, budget: int, a: int, b: 
         blk = sp.csr_matrix((trip[:, 2].astype(src.info.dtype), trip[:, 1].astype(np.int64),
                              indptr), shape=(r1 - r0, src.n_vars))
         scratch.append(blk)
-    return scratch, row_nnz
+    return scratch
 
 
 def _release_free_memory() -> None:
@@ -439,7 +439,7 @@ def convert_store(task: StoreTask, cfg: ConvertConfig, corpus_dir: str, genes: l
 
             if fmt == "csc":  # rows are scattered over all columns: transpose into a scratch
                 scratch_dir.mkdir(parents=True)
-                scratch, _ = _csc_to_scratch(src, scratch_dir, budget, a, b, check)
+                scratch = _csc_to_scratch(src, scratch_dir, budget, a, b, check)
             elif fmt == "dense":  # non-zeros unknown up front: copy into a sparse scratch first
                 scratch_dir.mkdir(parents=True)
                 scratch = _Scratch(scratch_dir / "scratch.h5", None, src.info.dtype, n)
@@ -449,7 +449,7 @@ def convert_store(task: StoreTask, cfg: ConvertConfig, corpus_dir: str, genes: l
             if scratch is not None:
                 row_nnz = np.diff(scratch.indptr)
                 blocks = ((r0, r1, scratch.read_rows(np.arange(r0, r1), src.n_vars))
-                          for r0, r1 in _ranges(scratch.indptr, budget))
+                          for r0, r1 in _sub_blocks(scratch.indptr[1:], 0, n, budget // 16))
             else:
                 row_nnz = src.row_nnz(a, b)
                 blocks = ((r0 - a, r1 - a, m) for r0, r1, m in src.iter_row_blocks(a, b, budget))
@@ -460,13 +460,8 @@ def convert_store(task: StoreTask, cfg: ConvertConfig, corpus_dir: str, genes: l
             if bucketed:
                 scratch_dir.mkdir(parents=True, exist_ok=True)
                 cap = max(budget // 16, 1)  # entries per bucket (~4-8 bytes each on disk)
-                ocum = np.cumsum(row_nnz[order])
-                edges = [0]
-                while edges[-1] < n:
-                    base = ocum[edges[-1] - 1] if edges[-1] else 0
-                    nxt = int(np.searchsorted(ocum, base + cap, side="right"))
-                    edges.append(min(max(nxt, edges[-1] + 1), n))
-                edges = np.asarray(edges)
+                edges = np.array([o0 for o0, _ in _sub_blocks(np.cumsum(row_nnz[order]), 0, n, cap)]
+                                 + [n])
                 bucket_of_src = np.searchsorted(edges, pos, side="right") - 1
             for nblk, (r0, r1, m) in enumerate(blocks):
                 if fmt == "csr":
@@ -706,16 +701,6 @@ class _ProgressLines:
             print(f"  store {self.name}: {what} {self.shown[phase]}%", flush=True)
 
 
-def _ranges(indptr: np.ndarray, budget: int):
-    n = len(indptr) - 1
-    r = 0
-    while r < n:
-        r1 = int(np.searchsorted(indptr, indptr[r] + max(budget // 16, 1), side="right")) - 1
-        r1 = min(max(r1, r + 1), n)
-        yield r, r1
-        r = r1
-
-
 def _map_block(blk: sp.csr_matrix, gmap: np.ndarray, G: int):
     """Source columns -> vocabulary columns; drops unmapped genes and zeros; sorted indices."""
     blk.sum_duplicates()
@@ -868,17 +853,15 @@ def _adopt(entry: StoreEntry, path: Path) -> None:
 
 
 def _run_tasks(pending: list[StoreTask], cfg: ConvertConfig, manifest: CorpusManifest,
-               corpus: Path, total_cells: int) -> list[dict]:
+               corpus: Path, total_cells: int) -> None:
     from tqdm.auto import tqdm
 
-    results: list[dict] = []
     bar = tqdm(total=total_cells, unit="cells", desc="convert", disable=not cfg.progress,
                dynamic_ncols=True)
 
     def done(t: StoreTask, r: dict) -> None:
         t.entry.status, t.entry.n_cells, t.entry.nnz = "complete", r["n_cells"], r["nnz"]
         manifest.save(corpus)  # the driver is the only writer of corpus.json
-        results.append(r)
         bar.update(r["n_cells"])
         bar.write(f"  store {r['name']}: {r['n_cells']} cells in {r['seconds']:.1f}s "
                   f"(peak RSS {r['peak_rss_mb']:.0f} MB)")
@@ -912,7 +895,6 @@ def _run_tasks(pending: list[StoreTask], cfg: ConvertConfig, manifest: CorpusMan
                         raise
     finally:
         bar.close()
-    return results
 
 
 def _convert_remote(task, cfg, corpus, genes, gene_ids, vocab_hash):

@@ -74,6 +74,12 @@ class RawH5Array:
         self.dtype = np.dtype(ds.dtype)
         self.item = self.dtype.itemsize
         self.fd = None
+        self._ready = False  # the chunk table is built on the first read: opening a source to
+        # plan or validate (metadata only) costs nothing
+
+    def _prepare(self) -> None:
+        self._ready = True
+        ds = self.ds
         if ds.compression is not None or ds.dtype.byteorder == ">" or ds.shape == ():
             return
         try:
@@ -102,6 +108,8 @@ class RawH5Array:
 
     def __getitem__(self, sl: slice) -> np.ndarray:
         a, b = sl.start, sl.stop
+        if not self._ready:
+            self._prepare()
         if self.fd is None:
             return self.ds[a:b]
         out = np.empty(b - a, self.dtype)
