@@ -1,0 +1,157 @@
+"""Expression input checks and cell-eval's per-file normalisation.
+
+cell-eval 0.8.2 decides per file whether X holds counts or log1p values (any stored value with
+a fractional part above 1e-3 means "already log1p") and normalises counts with scanpy's
+``normalize_total`` (target = the file's median total) followed by natural ``log1p``.
+``log_normalize`` reproduces that bit for bit (docs/cell_eval_0.8.2_semantics.md §2.2-2.3)
+without mutating its input and without importing scanpy at run time: scanpy's own function
+works in place on an AnnData and pulls a large dependency into every evaluation worker.
+
+The exactness details that matter:
+
+* CSR: per-cell totals accumulate in float64 in row order and are stored in X's dtype; the
+  target is the median over *all* cells. Dense and CSC: totals are ``x.sum(axis=1)`` in X's
+  dtype and the median is over cells with a positive total only.
+* scale ``s = total / median`` in X's dtype, zeros replaced by 1, then ``x / s`` (not
+  ``x * median / total``), then ``np.log1p`` on the same dtype.
+* integer dtypes become float32 first; float64 stays float64; float16 becomes float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba as nb
+import numpy as np
+import scipy.sparse as sp
+
+#: cell-eval's thresholds (``guess_is_lognorm``): fractional part that marks a non-integer
+#: value, and the largest value accepted as log1p expression.
+FRACTION_EPS = 1e-3
+LOG1P_MAX = 15.0
+
+
+class ExpressionError(ValueError):
+    """An expression matrix cannot be evaluated; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class MatrixCheck:
+    """What ``inspect_matrix`` found."""
+
+    is_counts: bool  # integer-valued (cell-eval will normalise it)
+    n_explicit_zeros: int
+    min_value: float
+    max_value: float
+
+
+def _stored_values(x) -> np.ndarray:
+    return x.data if sp.issparse(x) else np.asarray(x)
+
+
+def as_float_matrix(x):
+    """csr_matrix (for any sparse input) or a C-ordered ndarray, float16 -> float32, integer
+    dtypes -> float32 (what scanpy does before normalising); float32/64 kept."""
+    if sp.issparse(x):
+        x = sp.csr_matrix(x)
+        if not x.has_canonical_format:
+            # duplicate entries would be summed by scipy but miscounted by rank tests
+            x.sum_duplicates()
+    else:
+        x = np.ascontiguousarray(x)
+    dt = x.dtype
+    if dt == np.float16 or dt.kind in "iub":
+        x = x.astype(np.float32)
+    elif dt.kind != "f":
+        raise ExpressionError(f"expression matrix has dtype {dt}; expected a numeric dtype")
+    return x
+
+
+def inspect_matrix(x, what: str = "X") -> MatrixCheck:
+    """Validate values the way cell-eval would fail on them, with a clear message instead.
+
+    Raises ``ExpressionError`` for NaN/inf, negative values and log1p-looking data whose
+    maximum reaches 15 (counts that are not integers, or normalised but not log-transformed).
+    """
+    vals = _stored_values(x)
+    if vals.size == 0:
+        return MatrixCheck(True, 0, 0.0, 0.0)
+    finite = np.isfinite(vals)
+    if not finite.all():
+        n_nan = int(np.isnan(vals).sum())
+        raise ExpressionError(
+            f"{what} holds {n_nan} NaN and {int((~finite).sum()) - n_nan} infinite values; "
+            "cell-eval's Wilcoxon test cannot rank them. Replace them (e.g. np.nan_to_num) "
+            "before evaluating.")
+    lo, hi = float(vals.min()), float(vals.max())
+    if sp.issparse(x) and x.nnz < np.prod(x.shape):
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if lo < 0:
+        raise ExpressionError(
+            f"{what} has negative values (min {lo:.4g}); expression must be counts or "
+            "log1p-normalised values >= 0. Clip predictions at 0 (np.maximum(x, 0)).")
+    frac = np.modf(vals)[0]
+    is_counts = not bool(np.any(frac > FRACTION_EPS))
+    if not is_counts and hi >= LOG1P_MAX:
+        raise ExpressionError(
+            f"{what} has non-integer values up to {hi:.4g}: that is neither integer counts "
+            f"nor log1p expression (which stays below {LOG1P_MAX}). Pass raw integer counts "
+            "or log1p(normalised counts).")
+    n_zeros = int((x.data == 0).sum()) if sp.issparse(x) else 0
+    return MatrixCheck(is_counts, n_zeros, lo, hi)
+
+
+@nb.njit(cache=True, parallel=True)
+def _csr_row_totals(indptr, data, out):
+    # float64 accumulator in row order, stored in data's dtype: scanpy's _normalize_csr
+    for i in nb.prange(out.shape[0]):
+        s = 0.0
+        for k in range(indptr[i], indptr[i + 1]):
+            s += data[k]
+        out[i] = s
+
+
+def log_normalize(x, median_of_positive: bool | None = None):
+    """scanpy ``normalize_total`` (median target) + ``log1p`` on a copy, as cell-eval does for
+    integer input. ``x`` is a csr_matrix or ndarray from ``as_float_matrix``.
+
+    ``median_of_positive``: scanpy takes the median over all cells for CSR input and over
+    cells with a positive total for dense or CSC input (default: by ``x``'s storage; pass True
+    for a matrix that was CSC in the file)."""
+    if sp.issparse(x):
+        x = sp.csr_matrix(x, copy=True)
+        totals = np.zeros(x.shape[0], dtype=x.dtype)
+        _csr_row_totals(x.indptr, x.data, totals)
+        target = np.median(totals[totals > 0] if median_of_positive else totals)
+        scale = totals / target
+        scale = scale + (scale == 0)
+        x.data = x.data / np.repeat(scale, np.diff(x.indptr))
+        np.log1p(x.data, out=x.data)
+        return x
+    x = np.array(x, copy=True)
+    totals = x.sum(axis=1)
+    target = np.median(totals[totals > 0])
+    scale = totals / target
+    scale = scale + (scale == 0)
+    x = np.true_divide(x, scale[:, None])
+    np.log1p(x, out=x)
+    return x
+
+
+def prepare_expression(x, what: str = "X", drop_explicit_zeros: bool = True):
+    """Input matrix -> (log1p expression as cell-eval sees it, MatrixCheck).
+
+    Explicitly stored zeros are dropped (cell-eval's DE step refuses them; dropping them
+    changes no metric) unless ``drop_explicit_zeros=False``.
+    """
+    was_csc = sp.issparse(x) and x.format == "csc"
+    x = as_float_matrix(x)
+    check = inspect_matrix(x, what)
+    if sp.issparse(x) and check.n_explicit_zeros and drop_explicit_zeros:
+        x = x.copy()
+        x.eliminate_zeros()
+    if check.is_counts:
+        x = log_normalize(x, median_of_positive=was_csc or None)
+        if sp.issparse(x):
+            x.eliminate_zeros()  # log1p(0) = 0 cannot create zeros, but keep it canonical
+    return x, check
