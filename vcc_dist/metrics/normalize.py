@@ -54,6 +54,11 @@ def as_float_matrix(x):
     dtypes -> float32 (what scanpy does before normalising); float32/64 kept."""
     if sp.issparse(x):
         x = sp.csr_matrix(x)
+        if x.indptr.dtype != x.indices.dtype:
+            # h5ad writers may mix int64 indptr with int32 indices; scipy's kernels need one
+            idx = np.int64 if x.nnz >= 2**31 else np.int32
+            x.indptr = x.indptr.astype(idx, copy=False)
+            x.indices = x.indices.astype(idx, copy=False)
         if not x.has_canonical_format:
             # duplicate entries would be summed by scipy but miscounted by rank tests
             x.sum_duplicates()
@@ -67,6 +72,37 @@ def as_float_matrix(x):
     return x
 
 
+@nb.njit(cache=True, parallel=True)
+def _scan(vals, eps, n_chunks):
+    """One pass: non-finite count, NaN count, min, max, any fractional part > eps (np.modf's
+    fractional part is x - trunc(x), exact), stored zeros."""
+    n = vals.shape[0]
+    step = (n + n_chunks - 1) // n_chunks
+    bad = np.zeros(n_chunks, np.int64)
+    nan = np.zeros(n_chunks, np.int64)
+    lo = np.full(n_chunks, np.inf)
+    hi = np.full(n_chunks, -np.inf)
+    frac = np.zeros(n_chunks, np.bool_)
+    zeros = np.zeros(n_chunks, np.int64)
+    for c in nb.prange(n_chunks):
+        for i in range(c * step, min(n, (c + 1) * step)):
+            v = vals[i]
+            if not np.isfinite(v):
+                bad[c] += 1
+                if np.isnan(v):
+                    nan[c] += 1
+                continue
+            if v < lo[c]:
+                lo[c] = v
+            if v > hi[c]:
+                hi[c] = v
+            if v == 0:
+                zeros[c] += 1
+            elif v - np.trunc(v) > eps:
+                frac[c] = True
+    return bad.sum(), nan.sum(), lo.min(), hi.max(), frac.any(), zeros.sum()
+
+
 def inspect_matrix(x, what: str = "X") -> MatrixCheck:
     """Validate values the way cell-eval would fail on them, with a clear message instead.
 
@@ -76,28 +112,27 @@ def inspect_matrix(x, what: str = "X") -> MatrixCheck:
     vals = _stored_values(x)
     if vals.size == 0:
         return MatrixCheck(True, 0, 0.0, 0.0)
-    finite = np.isfinite(vals)
-    if not finite.all():
-        n_nan = int(np.isnan(vals).sum())
+    flat = vals.reshape(-1) if vals.flags.c_contiguous else np.ravel(vals)
+    n_bad, n_nan, lo, hi, has_frac, n_zeros = _scan(flat, flat.dtype.type(FRACTION_EPS), 64)
+    if n_bad:
         raise ExpressionError(
-            f"{what} holds {n_nan} NaN and {int((~finite).sum()) - n_nan} infinite values; "
+            f"{what} holds {n_nan} NaN and {n_bad - n_nan} infinite values; "
             "cell-eval's Wilcoxon test cannot rank them. Replace them (e.g. np.nan_to_num) "
             "before evaluating.")
-    lo, hi = float(vals.min()), float(vals.max())
+    lo, hi = float(lo), float(hi)
     if sp.issparse(x) and x.nnz < np.prod(x.shape):
         lo, hi = min(lo, 0.0), max(hi, 0.0)
     if lo < 0:
         raise ExpressionError(
             f"{what} has negative values (min {lo:.4g}); expression must be counts or "
             "log1p-normalised values >= 0. Clip predictions at 0 (np.maximum(x, 0)).")
-    frac = np.modf(vals)[0]
-    is_counts = not bool(np.any(frac > FRACTION_EPS))
+    is_counts = not has_frac
     if not is_counts and hi >= LOG1P_MAX:
         raise ExpressionError(
             f"{what} has non-integer values up to {hi:.4g}: that is neither integer counts "
             f"nor log1p expression (which stays below {LOG1P_MAX}). Pass raw integer counts "
             "or log1p(normalised counts).")
-    n_zeros = int((x.data == 0).sum()) if sp.issparse(x) else 0
+    n_zeros = int(n_zeros) if sp.issparse(x) else 0
     return MatrixCheck(is_counts, n_zeros, lo, hi)
 
 
@@ -111,47 +146,59 @@ def _csr_row_totals(indptr, data, out):
         out[i] = s
 
 
-def log_normalize(x, median_of_positive: bool | None = None):
+@nb.njit(cache=True, parallel=True)
+def _csr_divide_rows(indptr, data, scale):
+    # x / s per row in data's dtype: the same IEEE division scanpy's
+    # data / np.repeat(s, np.diff(indptr)) performs, without the nnz-sized repeat array
+    for i in nb.prange(indptr.shape[0] - 1):
+        s = scale[i]
+        for k in range(indptr[i], indptr[i + 1]):
+            data[k] = data[k] / s
+
+
+def log_normalize(x, median_of_positive: bool | None = None, copy: bool = True):
     """scanpy ``normalize_total`` (median target) + ``log1p`` on a copy, as cell-eval does for
     integer input. ``x`` is a csr_matrix or ndarray from ``as_float_matrix``.
 
     ``median_of_positive``: scanpy takes the median over all cells for CSR input and over
     cells with a positive total for dense or CSC input (default: by ``x``'s storage; pass True
-    for a matrix that was CSC in the file)."""
+    for a matrix that was CSC in the file). ``copy=False`` overwrites ``x``'s values."""
     if sp.issparse(x):
-        x = sp.csr_matrix(x, copy=True)
+        x = sp.csr_matrix(x, copy=copy)
         totals = np.zeros(x.shape[0], dtype=x.dtype)
         _csr_row_totals(x.indptr, x.data, totals)
         target = np.median(totals[totals > 0] if median_of_positive else totals)
         scale = totals / target
         scale = scale + (scale == 0)
-        x.data = x.data / np.repeat(scale, np.diff(x.indptr))
+        _csr_divide_rows(x.indptr, x.data, scale.astype(x.dtype))
         np.log1p(x.data, out=x.data)
         return x
-    x = np.array(x, copy=True)
+    if copy:
+        x = np.array(x, copy=True)
     totals = x.sum(axis=1)
     target = np.median(totals[totals > 0])
     scale = totals / target
     scale = scale + (scale == 0)
-    x = np.true_divide(x, scale[:, None])
+    np.true_divide(x, scale[:, None], out=x)
     np.log1p(x, out=x)
     return x
 
 
-def prepare_expression(x, what: str = "X", drop_explicit_zeros: bool = True):
+def prepare_expression(x, what: str = "X", drop_explicit_zeros: bool = True,
+                       copy: bool = True):
     """Input matrix -> (log1p expression as cell-eval sees it, MatrixCheck).
 
     Explicitly stored zeros are dropped (cell-eval's DE step refuses them; dropping them
-    changes no metric) unless ``drop_explicit_zeros=False``.
+    changes no metric) unless ``drop_explicit_zeros=False``. ``copy=False`` lets it
+    overwrite ``x`` (for a matrix read from disk only for this).
     """
     was_csc = sp.issparse(x) and x.format == "csc"
     x = as_float_matrix(x)
     check = inspect_matrix(x, what)
     if sp.issparse(x) and check.n_explicit_zeros and drop_explicit_zeros:
-        x = x.copy()
+        x = x.copy() if copy else x
         x.eliminate_zeros()
+        copy = False
     if check.is_counts:
-        x = log_normalize(x, median_of_positive=was_csc or None)
-        if sp.issparse(x):
-            x.eliminate_zeros()  # log1p(0) = 0 cannot create zeros, but keep it canonical
+        x = log_normalize(x, median_of_positive=was_csc or None, copy=copy)
     return x, check

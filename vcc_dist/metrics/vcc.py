@@ -36,7 +36,7 @@ import scipy.sparse as sp
 from scipy.spatial.distance import cdist
 
 from vcc_dist.constants import CONTROL_LABEL, PERT_KEY
-from vcc_dist.metrics.de import DEResult, bh_fdr, de_against_control
+from vcc_dist.metrics.de import DEResult, bh_fdr, de_against_control, pseudobulk
 from vcc_dist.metrics.normalize import ExpressionError, prepare_expression
 
 log = logging.getLogger(__name__)
@@ -123,18 +123,9 @@ def _labels(adata, pert_col: str, what: str) -> np.ndarray:
     return col.to_numpy(str)
 
 
-def _pseudobulk(grp) -> np.ndarray:
-    dtype = grp.dtype
-    if sp.issparse(grp):
-        s = np.asarray(grp.sum(axis=0, dtype=np.float64)).ravel()
-    else:
-        s = grp.astype(np.float64).sum(axis=0)
-    return (s / grp.shape[0]).astype(dtype)
-
-
 def _de_task(x, control_rows, rows_by_target):
     de = de_against_control(x, rows_by_target, control_rows)
-    return de.lfc, de.pvalue
+    return de.lfc, de.pvalue, de.pseudobulk
 
 
 def summarize(adata, *, pert_col: str = PERT_KEY, control_label: str = CONTROL_LABEL,
@@ -148,12 +139,14 @@ def summarize(adata, *, pert_col: str = PERT_KEY, control_label: str = CONTROL_L
     """
     import anndata as ad
 
+    owned = False
     if isinstance(adata, (str, Path)):
         path = Path(adata)
         if not path.exists():
             raise EvaluationError(f"{what}: {path} does not exist")
         adata = ad.read_h5ad(path)
         what = f"{what} {path.name}"
+        owned = True  # read only for this: normalise in place
     labels = _labels(adata, pert_col, what)
     if control_label not in set(labels):
         raise EvaluationError(
@@ -161,7 +154,9 @@ def summarize(adata, *, pert_col: str = PERT_KEY, control_label: str = CONTROL_L
             "needs its control cells (DES and PDS are computed against them); pass "
             "control_label / --control-label if they are named differently.")
     try:
-        x, check = prepare_expression(adata.X, what=what)
+        x, check = prepare_expression(adata.X, what=what, copy=not owned)
+        if owned:
+            adata.X = None
     except ExpressionError as e:
         raise EvaluationError(str(e)) from None
     if check.n_explicit_zeros:
@@ -173,10 +168,8 @@ def summarize(adata, *, pert_col: str = PERT_KEY, control_label: str = CONTROL_L
     rows = {p: order[bounds[i]:bounds[i + 1]] for i, p in enumerate(perts)}  # ascending
     control_rows = rows.pop(control_label)
     targets = [p for p in perts if p != control_label]
-    ctrl_bulk = _pseudobulk(x[control_rows])
-    bulk = np.vstack([_pseudobulk(x[rows[p]]) for p in targets]) if targets else \
-        np.zeros((0, x.shape[1]), x.dtype)
-    lfc, pv = _run_de(x, control_rows, {p: rows[p] for p in targets}, num_workers, progress,
+    ctrl_bulk = pseudobulk(x[control_rows])
+    lfc, pv, bulk = _run_de(x, control_rows, {p: rows[p] for p in targets}, num_workers, progress,
                       what)
     return FileSummary(genes=np.asarray(adata.var_names, dtype=object),
                        perts=np.asarray(targets, dtype=object),
@@ -189,7 +182,8 @@ def summarize(adata, *, pert_col: str = PERT_KEY, control_label: str = CONTROL_L
 def _run_de(x, control_rows, rows_by_target, num_workers, progress, what):
     n = len(rows_by_target)
     if n == 0:
-        return np.zeros((0, x.shape[1])), np.zeros((0, x.shape[1]))
+        return np.zeros((0, x.shape[1])), np.zeros((0, x.shape[1])), \
+            np.zeros((0, x.shape[1]), x.dtype)
     if num_workers and num_workers > 1 and n > 1:
         return _run_de_ray(x, control_rows, rows_by_target, num_workers)
     bar = None
@@ -201,7 +195,7 @@ def _run_de(x, control_rows, rows_by_target, num_workers, progress, what):
     finally:
         if bar is not None:
             bar.close()
-    return de.lfc, de.pvalue
+    return de.lfc, de.pvalue, de.pseudobulk
 
 
 def _run_de_ray(x, control_rows, rows_by_target, num_workers):
@@ -219,10 +213,11 @@ def _run_de_ray(x, control_rows, rows_by_target, num_workers):
     pos = {p: i for i, p in enumerate(names)}
     lfc = np.empty((len(names), x.shape[1]))
     pv = np.empty_like(lfc)
-    for c, (lc, pc) in zip(chunks, ray.get(futures)):
+    bulk = np.empty(lfc.shape, x.dtype)
+    for c, (lc, pc, bc) in zip(chunks, ray.get(futures)):
         idx = [pos[p] for p in c]
-        lfc[idx], pv[idx] = lc, pc
-    return lfc, pv
+        lfc[idx], pv[idx], bulk[idx] = lc, pc, bc
+    return lfc, pv, bulk
 
 
 # ----------------------------------------------------------------------------- compare
@@ -335,6 +330,26 @@ class Evaluation:
                 "n_perturbations": int(len(self.results))}
 
 
+def load_agg(path: str | Path) -> dict[str, float]:
+    """Aggregate metrics from our ``agg_results.json`` or cell-eval's ``agg_results.csv``
+    (the ``mean`` row), e.g. a baseline scored once and reused."""
+    path = Path(path)
+    if not path.exists():
+        raise EvaluationError(f"{path} does not exist")
+    if path.suffix == ".json":
+        d = json.loads(path.read_text())
+        d = d.get("agg", d)
+    else:
+        df = pd.read_csv(path)
+        if "statistic" not in df.columns or "mean" not in set(df["statistic"]):
+            raise EvaluationError(f"{path}: not a cell-eval agg_results.csv (no 'mean' row)")
+        d = df.set_index("statistic").loc["mean"].to_dict()
+    missing = [m for m in METRICS if m not in d]
+    if missing:
+        raise EvaluationError(f"{path}: metrics {missing} missing (found {sorted(d)})")
+    return {m: float(d[m]) for m in METRICS}
+
+
 def _as_summary(x, what, **kw) -> FileSummary:
     if isinstance(x, FileSummary):
         return x
@@ -343,11 +358,13 @@ def _as_summary(x, what, **kw) -> FileSummary:
     return summarize(x, what=what, **kw)
 
 
-def evaluate(real, pred, baseline=None, *, pert_col: str = PERT_KEY,
+def evaluate(real, pred, baseline=None, *, baseline_agg: dict | str | Path | None = None,
+             pert_col: str = PERT_KEY,
              control_label: str = CONTROL_LABEL, fdr_scope: str = "perturbation",
              num_workers: int | None = None, progress: bool = False) -> Evaluation:
     """Score ``pred`` against ``real`` (each an AnnData, .h5ad path, FileSummary or saved
-    summary .npz); with ``baseline`` (same kinds) also the baseline-scaled overall score."""
+    summary .npz); with ``baseline`` (same kinds) or ``baseline_agg`` (a baseline's aggregate
+    metrics: dict, agg_results.json or cell-eval agg_results.csv) also the overall score."""
     kw = dict(pert_col=pert_col, control_label=control_label, num_workers=num_workers,
               progress=progress)
     real_s = _as_summary(real, "real", **kw)
@@ -358,6 +375,10 @@ def evaluate(real, pred, baseline=None, *, pert_col: str = PERT_KEY,
         base_s = _as_summary(baseline, "baseline", **kw)
         ev.baseline_results = compare(real_s, base_s, fdr_scope=fdr_scope)
         ev.baseline_agg = aggregate(ev.baseline_results)
+        ev.scores = score(ev.agg, ev.baseline_agg)
+    elif baseline_agg is not None:
+        ev.baseline_agg = (baseline_agg if isinstance(baseline_agg, dict)
+                           else load_agg(baseline_agg))
         ev.scores = score(ev.agg, ev.baseline_agg)
     return ev
 
@@ -409,7 +430,8 @@ def plot_per_perturbation(ev: Evaluation, path: str | Path) -> Path:
         if ev.baseline_results is not None:
             bv = ev.baseline_results[m].to_numpy()[order]
             ax.scatter(xs, bv, s=10, marker="x", color="C3", label="baseline")
-            ax.axhline(ev.baseline_agg[m], color="C3", lw=1, ls="--")
+        if ev.baseline_agg is not None:
+            ax.axhline(ev.baseline_agg[m], color="C3", lw=1, ls="--", label="baseline mean")
         ax.set_title(title)
         ax.set_xlabel("perturbations (sorted by prediction)")
         ax.grid(alpha=0.3)

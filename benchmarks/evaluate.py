@@ -1,0 +1,276 @@
+"""Evaluation speed and memory: vcc-dist's `jobs/evaluate.py` vs cell-eval 0.8.2
+(`cell-eval run --profile vcc` + `cell-eval score`), side by side in the same run, on the same
+files, and a check that both give the same numbers.
+
+    python benchmarks/evaluate.py --sizes small challenge --workdir bench_data/eval
+
+Sizes (18,080 genes; real = integer counts, ~45% non-zero like the VCC files, rows shuffled;
+pred = a model-like prediction as `cell-eval prep` leaves it: log1p floats, float32 CSR):
+  small      50 perturbations x 200 cells + 400 controls   (the issue's 10x target)
+  challenge  100 perturbations x 1,000 cells + 2,000 controls
+Each tool scores one prediction against the real file and turns it into the overall score
+with a baseline's aggregate metrics computed beforehand (untimed, by each tool itself).
+Also timed: ours with the real file's summary cached (what a Ray Tune trial pays).
+Wall time and peak RSS are taken per child process (os.wait4). Both tools use 2 threads.
+Results are appended to benchmarks/results/evaluate.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZES = {"small": (50, 200, 400), "challenge": (100, 1000, 2000)}
+N_GENES = 18080
+CONTROL = "non-targeting"
+
+
+# ----------------------------------------------------------------------------- data
+
+def _write_h5ad_stream(path: Path, n_rows: int, n_genes: int, blocks, obs, var_names):
+    """Write a CSR h5ad block by block (anndata's on-disk encoding), so generating a 7 GB
+    file needs one block in memory, not the whole matrix."""
+    import anndata as ad
+    import h5py
+    import pandas as pd
+    from anndata.io import write_elem
+
+    tmp = path.with_suffix(".tmp.h5ad")
+    with h5py.File(tmp, "w") as f:
+        f.attrs["encoding-type"] = "anndata"
+        f.attrs["encoding-version"] = "0.1.0"
+        g = f.create_group("X")
+        g.attrs["encoding-type"] = "csr_matrix"
+        g.attrs["encoding-version"] = "0.1.0"
+        g.attrs["shape"] = (n_rows, n_genes)
+        data = g.create_dataset("data", shape=(0,), maxshape=(None,), dtype="float32",
+                                chunks=(1 << 20,))
+        ind = g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype="int32",
+                               chunks=(1 << 20,))
+        indptr = [np.zeros(1, np.int64)]
+        nnz = 0
+        for blk in blocks:
+            n = blk.nnz
+            data.resize((nnz + n,))
+            ind.resize((nnz + n,))
+            data[nnz:] = blk.data.astype(np.float32)
+            ind[nnz:] = blk.indices.astype(np.int32)
+            indptr.append(blk.indptr[1:].astype(np.int64) + nnz)
+            nnz += n
+        g.create_dataset("indptr", data=np.concatenate(indptr))
+        write_elem(f, "obs", obs)
+        write_elem(f, "var", pd.DataFrame(index=pd.Index(var_names, dtype=str)))
+        for k in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
+            write_elem(f, k, {})
+    os.replace(tmp, path)
+    ad.read_h5ad(path, backed="r").file.close()  # readable
+
+
+def generate(out: Path, n_perts: int, n_cells: int, n_ctrl: int, seed: int = 0) -> dict:
+    import pandas as pd
+    import scipy.sparse as sp
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    done = out / "files.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    rng = np.random.default_rng(seed)
+    genes = np.array([f"ENSG{i:011d}" for i in range(N_GENES)])
+    mu = rng.lognormal(np.log(0.5), 1.6, size=N_GENES).astype(np.float32)
+    pert_gene = rng.choice(N_GENES, n_perts, replace=False)
+    perts = genes[pert_gene]
+    logfc = np.zeros((n_perts + 1, N_GENES), np.float32)  # row 0 = control
+    for i in range(n_perts):
+        if rng.random() < 0.2:
+            continue  # near-null perturbation
+        hit = rng.choice(N_GENES, int(N_GENES * rng.uniform(0.02, 0.1)), replace=False)
+        logfc[i + 1, hit] = rng.normal(0, 0.5, hit.size)
+        logfc[i + 1, pert_gene[i]] = np.log(0.2)
+    pred_noise = rng.normal(0, 0.15, logfc.shape).astype(np.float32) * (logfc != 0)
+    labels = np.r_[np.zeros(n_ctrl, int), np.repeat(np.arange(1, n_perts + 1), n_cells)]
+    labels = labels[rng.permutation(labels.size)]
+    names = np.r_[[CONTROL], perts]
+    theta = 2.0
+    block = 2048
+
+    def blocks(effect, as_log1p):
+        for s in tqdm(range(0, labels.size, block), desc=f"  writing", unit="blk",
+                      leave=False):
+            lab = labels[s:s + block]
+            lib = rng.lognormal(0, 0.3, (lab.size, 1)).astype(np.float32)
+            m = mu[None, :] * np.exp(effect[lab]) * lib
+            x = rng.poisson(rng.gamma(theta, m / theta)).astype(np.float32)
+            if as_log1p:
+                tot = x.sum(1, keepdims=True)
+                x = np.log1p(x / np.maximum(tot, 1) * 10000.0).astype(np.float32)
+            yield sp.csr_matrix(x)
+
+    obs = pd.DataFrame({"target_gene": pd.Categorical(names[labels])},
+                       index=[str(i) for i in range(labels.size)])
+    real, pred, base = out / "real.h5ad", out / "pred.h5ad", out / "baseline.h5ad"
+    _write_h5ad_stream(real, labels.size, N_GENES, blocks(logfc, False), obs, genes)
+    _write_h5ad_stream(pred, labels.size, N_GENES, blocks(logfc + pred_noise, True), obs,
+                       genes)
+    # cell-mean-like baseline: one constant log1p vector for every perturbation (50 cells
+    # each) + control cells
+    n_b = 50
+    const = np.log1p(mu / mu.sum() * 10000.0).astype(np.float32)
+    blab = np.r_[np.zeros(n_ctrl, int), np.repeat(np.arange(1, n_perts + 1), n_b)]
+
+    def base_blocks():
+        for s in range(0, blab.size, block):
+            lab = blab[s:s + block]
+            lib = rng.lognormal(0, 0.3, (lab.size, 1)).astype(np.float32)
+            x = rng.poisson(rng.gamma(theta, mu[None, :] * lib / theta)).astype(np.float32)
+            tot = x.sum(1, keepdims=True)
+            x = np.log1p(x / np.maximum(tot, 1) * 10000.0).astype(np.float32)
+            x[lab > 0] = const
+            yield sp.csr_matrix(x)
+
+    bobs = pd.DataFrame({"target_gene": pd.Categorical(names[blab])},
+                        index=[str(i) for i in range(blab.size)])
+    _write_h5ad_stream(base, blab.size, N_GENES, base_blocks(), bobs, genes)
+    files = {"real": str(real), "pred": str(pred), "baseline": str(base),
+             "n_cells": int(labels.size), "n_perts": n_perts}
+    done.write_text(json.dumps(files))
+    return files
+
+
+# ----------------------------------------------------------------------------- timing
+
+def timed(cmd: list[str], env=None, timeout: float | None = None) -> dict:
+    """Run a command; wall seconds and the child's peak RSS (MB) from os.wait4."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            cwd=ROOT)
+    deadline = None if timeout is None else t + timeout
+    while True:
+        pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if deadline and time.perf_counter() > deadline:
+            proc.kill()
+            os.wait4(proc.pid, 0)
+            return {"seconds": None, "timed_out": True, "cmd": " ".join(cmd)}
+        time.sleep(0.05)
+    out = proc.stdout.read().decode(errors="replace")
+    rc = os.waitstatus_to_exitcode(status)
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({rc}):\n{out[-3000:]}")
+    return {"seconds": round(time.perf_counter() - t, 2), "peak_rss_mb": ru.ru_maxrss // 1024,
+            "cmd": " ".join(str(c) for c in cmd)}
+
+
+def _combine(*runs):
+    if any(r.get("timed_out") for r in runs):
+        return {"seconds": None, "timed_out": True}
+    return {"seconds": round(sum(r["seconds"] for r in runs), 2),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "steps": runs}
+
+
+def bench_size(name: str, workdir: Path, ce_timeout: float) -> dict:
+    n_perts, n_cells, n_ctrl = SIZES[name]
+    d = workdir / name
+    print(f"[{name}] generating {n_perts} x {n_cells} + {n_ctrl} controls x {N_GENES} genes",
+          flush=True)
+    files = generate(d, n_perts, n_cells, n_ctrl)
+    py = sys.executable
+    ce = str(Path(py).with_name("cell-eval"))
+    env = dict(os.environ, NUMBA_NUM_THREADS="2", OMP_NUM_THREADS="2")
+    ours_job = [py, "jobs/evaluate.py", "--quiet", "--no-plot"]
+
+    # baselines' aggregates, each tool its own (untimed)
+    print(f"[{name}] scoring the baseline with both tools (untimed)", flush=True)
+    subprocess.run(ours_job + ["--real", files["real"], "--pred", files["baseline"],
+                               "--out", str(d / "ours_base"), "--save-summaries",
+                               str(d / "summaries")], check=True, env=env, cwd=ROOT,
+                   capture_output=True)
+    ce_base = timed([ce, "run", "-ap", files["baseline"], "-ar", files["real"], "--profile",
+                     "vcc", "--num-threads", "2", "-o", str(d / "ce_base")], env=env,
+                    timeout=ce_timeout)
+
+    print(f"[{name}] ours", flush=True)
+    ours = timed(ours_job + ["--real", files["real"], "--pred", files["pred"],
+                             "--baseline-agg", str(d / "ours_base" / "agg_results.json"),
+                             "--out", str(d / "ours")], env=env)
+    ours_cached = timed(ours_job + ["--real", str(d / "summaries" / "real.summary.npz"),
+                                    "--pred", files["pred"], "--baseline-agg",
+                                    str(d / "ours_base" / "agg_results.json"),
+                                    "--out", str(d / "ours_cached")], env=env)
+    print(f"[{name}] ours {ours['seconds']} s, cell-eval (timeout {ce_timeout:.0f} s)",
+          flush=True)
+    ce_run = timed([ce, "run", "-ap", files["pred"], "-ar", files["real"], "--profile", "vcc",
+                    "--num-threads", "2", "-o", str(d / "ce")], env=env, timeout=ce_timeout)
+    rec = {"size": name, "n_perts": n_perts, "cells_per_pert": n_cells, "n_controls": n_ctrl,
+           "n_genes": N_GENES, "n_cells": files["n_cells"], "ours": ours,
+           "ours_cached_real": ours_cached, "cell_eval_baseline_run": ce_base}
+    if ce_run.get("timed_out") or ce_base.get("timed_out"):
+        rec["cell_eval"] = {"seconds": None, "timed_out": True, "timeout_s": ce_timeout}
+        return rec
+    ce_score = timed([ce, "score", "-i", str(d / "ce" / "agg_results.csv"), "-I",
+                      str(d / "ce_base" / "agg_results.csv"), "-o", str(d / "ce_score.csv")],
+                     env=env)
+    rec["cell_eval"] = _combine(ce_run, ce_score)
+    rec["speedup"] = round(rec["cell_eval"]["seconds"] / ours["seconds"], 1)
+    rec["speedup_cached_real"] = round(rec["cell_eval"]["seconds"] / ours_cached["seconds"], 1)
+    rec["memory_ratio"] = round(ours["peak_rss_mb"] / rec["cell_eval"]["peak_rss_mb"], 2)
+    rec["agreement"] = agreement(d)
+    return rec
+
+
+def agreement(d: Path) -> dict:
+    import pandas as pd
+
+    ours = pd.read_csv(d / "ours" / "results.csv").set_index("perturbation")
+    ce = pd.read_csv(d / "ce" / "results.csv").set_index("perturbation").loc[ours.index]
+    sc_ours = json.loads((d / "ours" / "agg_results.json").read_text())["score"]
+    sc_ce = pd.read_csv(d / "ce_score.csv").set_index("metric")["from_baseline"].to_dict()
+    return {
+        "des_equal": bool((ours["overlap_at_N"] == ce["overlap_at_N"]).all()),
+        "pds_equal": bool((ours["discrimination_score_l1"] ==
+                           ce["discrimination_score_l1"]).all()),
+        "mae_max_abs_diff": float((ours["mae"] - ce["mae"]).abs().max()),
+        "score_ours": sc_ours, "score_cell_eval": sc_ce,
+        "avg_score_abs_diff": abs(sc_ours["avg_score"] - sc_ce["avg_score"]),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=["small"], choices=list(SIZES))
+    p.add_argument("--workdir", type=Path, default=ROOT / "bench_data" / "eval")
+    p.add_argument("--cell-eval-timeout", type=float, default=1800.0)
+    a = p.parse_args(argv)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=ROOT).stdout.strip()
+    results = []
+    for s in a.sizes:
+        rec = bench_size(s, a.workdir, a.cell_eval_timeout)
+        print(json.dumps({k: v for k, v in rec.items() if k != "cell_eval_baseline_run"},
+                         indent=1, default=str), flush=True)
+        results.append(rec)
+    out = ROOT / "benchmarks" / "results" / "evaluate.json"
+    hist = json.loads(out.read_text()) if out.exists() else []
+    hist.append({"date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit,
+                 "machine": f"{os.cpu_count()} cpus, {platform.machine()}",
+                 "results": results})
+    out.write_text(json.dumps(hist, indent=1, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

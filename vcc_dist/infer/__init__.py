@@ -1,0 +1,1 @@
+"""Inference: baselines and challenge submissions (predicted h5ad files)."""
