@@ -62,6 +62,8 @@ def test_all_tied_and_all_zero_genes_give_p_one():
 def test_bh_scopes():
     rng = np.random.default_rng(2)
     p = rng.random((4, 50)) ** 3
+    p[1, :10] = 1.0  # ties
+    p[3, 5:9] = p[3, 4]
     per = bh_fdr(p, "perturbation")
     np.testing.assert_array_equal(per[2], stats.false_discovery_control(p[2]))
     glob = bh_fdr(p, "global")

@@ -242,13 +242,18 @@ def read_expected_counts(counts: str | os.PathLike | pd.DataFrame, pert_col: str
     """Expected cells per perturbation (control rows dropped) from a CSV or DataFrame with a
     perturbation column (``pert_col`` or ``target_gene``) and ``n_cells``, as cell-eval
     baseline's counts file."""
-    df = counts if isinstance(counts, pd.DataFrame) else pd.read_csv(counts)
+    # dtype=str and no NA parsing: gene symbols such as "NA" or "None" stay labels
+    df = (counts if isinstance(counts, pd.DataFrame)
+          else pd.read_csv(counts, dtype=str, keep_default_na=False))
     col = pert_col if pert_col in df.columns else PERT_KEY
     if col not in df.columns or "n_cells" not in df.columns:
         raise SubmissionError(f"expected-counts table needs columns {pert_col!r} (or "
                               f"{PERT_KEY!r}) and 'n_cells'; it has {list(df.columns)}")
-    s = pd.Series(pd.to_numeric(df["n_cells"], errors="raise").to_numpy(),
-                  index=df[col].astype(str).to_numpy(), name="n_cells")
+    try:
+        n = pd.to_numeric(df["n_cells"], errors="raise").to_numpy()
+    except (ValueError, TypeError) as e:
+        raise SubmissionError(f"expected-counts column 'n_cells' is not numeric: {e}") from None
+    s = pd.Series(n, index=df[col].astype(str).to_numpy(), name="n_cells")
     s = s[s.index != control_label]
     if s.index.duplicated().any():
         raise SubmissionError("expected-counts table lists a perturbation more than once: "
@@ -301,8 +306,9 @@ def write_submission(X, target_gene: Sequence[str], genes: Sequence[str],
     if gene_list is not None:
         order = read_gene_list(gene_list)
         if order != genes:
-            missing = [x for x in order if x not in set(genes)]
-            extra = [x for x in genes if x not in set(order)]
+            have, want = set(genes), set(order)
+            missing = [x for x in order if x not in have]
+            extra = [x for x in genes if x not in want]
             if missing or extra:
                 raise SubmissionError(
                     f"genes do not match the gene list: {len(missing):,} missing "

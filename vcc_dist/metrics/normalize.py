@@ -19,6 +19,8 @@ The exactness details that matter:
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numba as nb
@@ -72,7 +74,7 @@ def as_float_matrix(x):
     return x
 
 
-@nb.njit(cache=True, parallel=True)
+@nb.njit(cache=True, nogil=True)
 def _scan(vals, eps, n_chunks):
     """One pass: non-finite count, NaN count, min, max, any fractional part > eps (np.modf's
     fractional part is x - trunc(x), exact), stored zeros."""
@@ -84,7 +86,7 @@ def _scan(vals, eps, n_chunks):
     hi = np.full(n_chunks, -np.inf)
     frac = np.zeros(n_chunks, np.bool_)
     zeros = np.zeros(n_chunks, np.int64)
-    for c in nb.prange(n_chunks):
+    for c in range(n_chunks):
         for i in range(c * step, min(n, (c + 1) * step)):
             v = vals[i]
             if not np.isfinite(v):
@@ -113,7 +115,14 @@ def inspect_matrix(x, what: str = "X") -> MatrixCheck:
     if vals.size == 0:
         return MatrixCheck(True, 0, 0.0, 0.0)
     flat = vals.reshape(-1) if vals.flags.c_contiguous else np.ravel(vals)
-    n_bad, n_nan, lo, hi, has_frac, n_zeros = _scan(flat, flat.dtype.type(FRACTION_EPS), 64)
+    eps = flat.dtype.type(FRACTION_EPS)
+    parts = _in_threads(lambda a, b: _scan(flat[a:b], eps, 16), flat.size)
+    n_bad = sum(int(r[0]) for r in parts)
+    n_nan = sum(int(r[1]) for r in parts)
+    lo = min(float(r[2]) for r in parts)
+    hi = max(float(r[3]) for r in parts)
+    has_frac = any(bool(r[4]) for r in parts)
+    n_zeros = sum(int(r[5]) for r in parts)
     if n_bad:
         raise ExpressionError(
             f"{what} holds {n_nan} NaN and {n_bad - n_nan} infinite values; "
@@ -136,21 +145,33 @@ def inspect_matrix(x, what: str = "X") -> MatrixCheck:
     return MatrixCheck(is_counts, n_zeros, lo, hi)
 
 
-@nb.njit(cache=True, parallel=True)
-def _csr_row_totals(indptr, data, out):
+def _in_threads(fn, n: int, *args):
+    """Run ``fn(start, stop, *args)`` over ``n`` items split into one contiguous range per
+    available CPU (the numba kernels release the GIL); returns the list of results."""
+    k = max(1, min(len(os.sched_getaffinity(0)), nb.config.NUMBA_NUM_THREADS,
+                   n // 1_000_000 + 1))
+    bounds = np.linspace(0, n, k + 1).astype(np.int64)
+    if k == 1:
+        return [fn(0, n, *args)]
+    with ThreadPoolExecutor(k) as pool:
+        return list(pool.map(lambda i: fn(bounds[i], bounds[i + 1], *args), range(k)))
+
+
+@nb.njit(cache=True, nogil=True)
+def _csr_row_totals(indptr, data, out, start, stop):
     # float64 accumulator in row order, stored in data's dtype: scanpy's _normalize_csr
-    for i in nb.prange(out.shape[0]):
+    for i in range(start, stop):
         s = 0.0
         for k in range(indptr[i], indptr[i + 1]):
             s += data[k]
         out[i] = s
 
 
-@nb.njit(cache=True, parallel=True)
-def _csr_divide_rows(indptr, data, scale):
+@nb.njit(cache=True, nogil=True)
+def _csr_divide_rows(indptr, data, scale, start, stop):
     # x / s per row in data's dtype: the same IEEE division scanpy's
     # data / np.repeat(s, np.diff(indptr)) performs, without the nnz-sized repeat array
-    for i in nb.prange(indptr.shape[0] - 1):
+    for i in range(start, stop):
         s = scale[i]
         for k in range(indptr[i], indptr[i + 1]):
             data[k] = data[k] / s
@@ -166,11 +187,13 @@ def log_normalize(x, median_of_positive: bool | None = None, copy: bool = True):
     if sp.issparse(x):
         x = sp.csr_matrix(x, copy=copy)
         totals = np.zeros(x.shape[0], dtype=x.dtype)
-        _csr_row_totals(x.indptr, x.data, totals)
+        _in_threads(lambda a, b: _csr_row_totals(x.indptr, x.data, totals, a, b),
+                    x.shape[0])
         target = np.median(totals[totals > 0] if median_of_positive else totals)
         scale = totals / target
         scale = scale + (scale == 0)
-        _csr_divide_rows(x.indptr, x.data, scale.astype(x.dtype))
+        scale = scale.astype(x.dtype)
+        _in_threads(lambda a, b: _csr_divide_rows(x.indptr, x.data, scale, a, b), x.shape[0])
         np.log1p(x.data, out=x.data)
         return x
     if copy:
