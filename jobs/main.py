@@ -10,9 +10,12 @@ Stages (each skipped when its output already exists and is valid, so a rerun res
 2. convert    h5ad -> chunked Zarr corpus, one Ray task per input  -> <out>/corpus/
 3. validate   the corpus against its sources (sampled rows)
 4. statistics per-gene CSV, plots, summary                          -> <out>/statistics/
+5. baselines  cell-mean, context-mean and ridge fitted on the training cells, predicting the
+              split's held-out context, scored with the challenge metrics (DES, PDS, MAE,
+              score vs cell-mean, exactly as cell-eval 0.8.2)    -> <out>/baselines/
 
 and a report linking every output: <out>/report.md. Later stages (gene embeddings, SE, ST,
-Tune, evaluation) are added by their issues.
+Tune) are added by their issues.
 """
 
 from __future__ import annotations
@@ -45,9 +48,9 @@ def stage_simulate(out: Path, preset: str, seed: int, overrides: dict, split_by:
         except (json.JSONDecodeError, TypeError):
             same = False
         if same:
-            _say(f"[1/4] simulate: up to date, skipped ({len(h5ads)} h5ad files in {sim})")
+            _say(f"[1/5] simulate: up to date, skipped ({len(h5ads)} h5ad files in {sim})")
             return h5ads
-    _say(f"[1/4] simulate: preset {preset!r} -> {sim}")
+    _say(f"[1/5] simulate: preset {preset!r} -> {sim}")
     t0 = time.perf_counter()
     res = simulate(cfg, sim, progress=progress)
     _say(f"      {res.n_cells:,} cells x {res.n_genes:,} genes, {res.n_contexts} contexts, "
@@ -70,11 +73,11 @@ def stage_convert(out: Path, h5ads, num_cpus: int | None, progress: bool, n_top_
         m = load_manifest(corpus)
         if (m.options == cfg.stored_options() and m.status == "complete"
                 and sorted(s.source for s in m.stores) == sorted(str(p) for p in h5ads)):
-            _say(f"[2/4] convert: corpus complete, skipped ({corpus})")
+            _say(f"[2/5] convert: corpus complete, skipped ({corpus})")
             return m
     except CorpusError:
         pass
-    _say(f"[2/4] convert: {len(h5ads)} h5ad file(s) -> {corpus} (one Ray task per file)")
+    _say(f"[2/5] convert: {len(h5ads)} h5ad file(s) -> {corpus} (one Ray task per file)")
     ensure_ray(num_cpus=num_cpus)
     m = convert_corpus(cfg)
     s = m.summary
@@ -88,7 +91,7 @@ def stage_validate(out: Path) -> None:
     from data_conversion import validate_corpus
 
     rep = validate_corpus(out / "corpus", sample_rows=100)
-    _say(f"[3/4] validate: {'OK' if rep.ok else 'INVALID'} ({rep.checks} checks)")
+    _say(f"[3/5] validate: {'OK' if rep.ok else 'INVALID'} ({rep.checks} checks)")
     if not rep.ok:
         _say(rep.text())
         raise SystemExit(1)
@@ -98,11 +101,45 @@ def stage_statistics(out: Path):
     from vcc_dist.report.statistics import write_statistics_report
 
     o = write_statistics_report(out / "corpus", out / "statistics")
-    _say(f"[4/4] statistics: {o.summary['perturbations']} perturbations, "
+    _say(f"[4/5] statistics: {o.summary['perturbations']} perturbations, "
          f"{o.summary['controls']:,} controls, median "
          f"{o.summary['cells_per_perturbation']['median']:.0f} cells per perturbation; "
          f"outputs in {out / 'statistics'}")
     return o
+
+
+def stage_baselines(out: Path, h5ads, sim_dir: Path):
+    from vcc_dist.infer.heldout import score_baselines
+
+    dst = out / "baselines"
+    done = dst / "scores.json"
+    if done.exists():
+        _say(f"[5/5] baselines: up to date, skipped ({dst})")
+        return json.loads(done.read_text())
+    _say("[5/5] baselines: fit on training cells, predict the held-out context, score")
+    features = sim_dir / "pert_features.pt"
+    score_baselines(h5ads, sim_dir / "split.toml", dst,
+                    features=features if features.exists() else None)
+    rep = json.loads(done.read_text())
+    best = max(rep["scores"], key=lambda r: r.get("score", 0))
+    _say(f"[5/5] baselines: context {rep['context']}, {rep['n_perturbations']} held-out "
+         f"perturbations; best {best['baseline']} (score {best.get('score', 0):.1f}); "
+         f"outputs in {dst}")
+    return rep
+
+
+def _baseline_table(rep: dict) -> str:
+    lines = [f"## Baselines on the held-out context `{rep['context']}`", "",
+             f"{rep['n_perturbations']} perturbations, {rep['n_real_cells']:,} real cells; "
+             "challenge metrics exactly as cell-eval 0.8.2; score = cell-eval score x 100 "
+             "against the cell-mean baseline.", "",
+             "| baseline | DES | PDS | MAE | score |", "|---|---:|---:|---:|---:|"]
+    for r in rep["scores"]:
+        lines.append(f"| {r['baseline']} | {r['overlap_at_N']:.3f} | "
+                     f"{r['discrimination_score_l1']:.3f} | {r['mae']:.4f} | "
+                     f"{r.get('score', float('nan')):.1f} |")
+    return "\n".join(lines + ["", "Per-perturbation values: `baselines/results_<baseline>.csv`.",
+                              ""])
 
 
 def main(argv=None) -> int:
@@ -146,12 +183,14 @@ def _run(a) -> int:
     stage_convert(out, h5ads, a.num_cpus, not a.no_progress, n_top)
     stage_validate(out)
     stats = stage_statistics(out)
+    base = stage_baselines(out, h5ads, out / "sim")
     rel = lambda q: Path(q).relative_to(out)  # noqa: E731
     report = out / "report.md"
     report.write_text("\n".join([
         "# vcc-dist run report", "",
         f"Simulated data: `{rel(out / 'sim')}`; corpus: `{rel(out / 'corpus')}` "
         f"({stats.summary['cells']:,} cells x {stats.summary['genes']:,} genes).", "",
+        _baseline_table(base),
         open(stats.summary_md).read().replace("](", "](statistics/").split("\n", 1)[1],
     ]))
     _say(f"done in {time.perf_counter() - t0:.0f}s; report: {report}")

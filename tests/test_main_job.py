@@ -25,12 +25,16 @@ def _run(out: Path) -> str:
 def test_main_job_end_to_end_and_rerun_skips(tmp_path):
     out = tmp_path / "run"
     log = _run(out)
-    assert "[2/4] convert: 3 h5ad file(s)" in log and "[3/4] validate: OK" in log
+    assert "[2/5] convert: 3 h5ad file(s)" in log and "[3/5] validate: OK" in log
     summary = json.loads((out / "statistics" / "summary.json").read_text())
     manifest = json.loads((out / "corpus" / "corpus.json").read_text())
     assert manifest["status"] == "complete" and len(manifest["stores"]) == 3
     assert summary["cells"] == manifest["summary"]["n_cells"] == 1500
     report = (out / "report.md").read_text()
     assert "statistics/gene_means.png" in report and (out / "statistics" / "gene_means.png").exists()
+    scores = json.loads((out / "baselines" / "scores.json").read_text())
+    assert [r["baseline"] for r in scores["scores"]] == ["cell-mean", "context-mean", "ridge"]
+    assert "## Baselines on the held-out context" in report
     log2 = _run(out)
     assert "simulate: up to date, skipped" in log2 and "convert: corpus complete, skipped" in log2
+    assert "baselines: up to date, skipped" in log2
