@@ -141,7 +141,7 @@ def test_cell_mean_matches_cell_eval_baseline(sim, train_full):
 def test_cell_mean_vector_is_polars_group_means_in_sorted_order(train_full):
     """Bit-exact: float32 polars group means (control group included) averaged in sorted
     group order with numpy, i.e. cell-eval's arithmetic with a fixed group order."""
-    pl = pytest.importorskip("polars")
+    import polars as pl
     x, _ = prepare_expression(train_full.X)
     means = (pl.DataFrame(x.toarray())
              .with_columns(pl.Series(PERT_KEY, train_full.obs[PERT_KEY].astype(str)))
@@ -325,7 +325,7 @@ def test_ridge_recovers_linear_map_from_features(tmp_path):
         assert r.fewshot_perts("B") == [f"p{i}" for i in range(6)]
         np.testing.assert_allclose(r.effects(want, "B"), truth, atol=1e-4)
     # the same through a STATE-style .pt file
-    torch = pytest.importorskip("torch")
+    import torch
     pt = tmp_path / "feats.pt"
     torch.save({k: torch.tensor(v, dtype=torch.float32) for k, v in feats.items()}, pt)
     r = RidgeDeltaBaseline(alpha=1e-9, features=pt).fit(adata)

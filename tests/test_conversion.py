@@ -272,7 +272,7 @@ def test_large_input_split_into_stores(tmp_path):
 
 
 def test_corpus_statistics_match_scanpy_and_pseudobulk(tmp_path):
-    sc = pytest.importorskip("scanpy")
+    import scanpy as sc
     a, b = make_adata(n=300, g=60, seed=0), make_adata(n=200, g=60, seed=1)
     write(a, tmp_path / "a.h5ad")
     write(b, tmp_path / "b.h5ad")

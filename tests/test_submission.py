@@ -427,7 +427,6 @@ def test_cli_exit_codes(tmp_path, clean):
 
 def test_explicit_zeros_crash_cell_eval_and_write_submission_fixes_them(tmp_path):
     """The point of the explicit-zeros check: cell-eval 0.8.2's DE step refuses them."""
-    pytest.importorskip("cell_eval")
     from cell_eval import MetricsEvaluator
 
     rng = np.random.default_rng(5)
