@@ -43,43 +43,21 @@ CONTROL = "non-targeting"
 
 # ----------------------------------------------------------------------------- data
 
-def _write_h5ad_stream(path: Path, n_rows: int, n_genes: int, blocks, obs, var_names):
-    """Write a CSR h5ad block by block (anndata's on-disk encoding), so generating a 7 GB
-    file needs one block in memory, not the whole matrix."""
-    import anndata as ad
-    import h5py
+def _write_h5ad_stream(path: Path, blocks, obs, var_names):
+    """Write a CSR h5ad block by block with the simulator's writer, so generating a 7 GB file
+    needs one block in memory, not the whole matrix."""
     import pandas as pd
-    from anndata.io import write_elem
 
-    tmp = path.with_suffix(".tmp.h5ad")
-    with h5py.File(tmp, "w") as f:
-        f.attrs["encoding-type"] = "anndata"
-        f.attrs["encoding-version"] = "0.1.0"
-        g = f.create_group("X")
-        g.attrs["encoding-type"] = "csr_matrix"
-        g.attrs["encoding-version"] = "0.1.0"
-        g.attrs["shape"] = (n_rows, n_genes)
-        data = g.create_dataset("data", shape=(0,), maxshape=(None,), dtype="float32",
-                                chunks=(1 << 20,))
-        ind = g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype="int32",
-                               chunks=(1 << 20,))
-        indptr = [np.zeros(1, np.int64)]
-        nnz = 0
+    from vcc_dist.data.simulate import H5adWriter
+
+    w = H5adWriter(path, obs, pd.DataFrame(index=pd.Index(var_names, dtype=str)), "")
+    try:
         for blk in blocks:
-            n = blk.nnz
-            data.resize((nnz + n,))
-            ind.resize((nnz + n,))
-            data[nnz:] = blk.data.astype(np.float32)
-            ind[nnz:] = blk.indices.astype(np.int32)
-            indptr.append(blk.indptr[1:].astype(np.int64) + nnz)
-            nnz += n
-        g.create_dataset("indptr", data=np.concatenate(indptr))
-        write_elem(f, "obs", obs)
-        write_elem(f, "var", pd.DataFrame(index=pd.Index(var_names, dtype=str)))
-        for k in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
-            write_elem(f, k, {})
-    os.replace(tmp, path)
-    ad.read_h5ad(path, backed="r").file.close()  # readable
+            w.append(blk)
+    except BaseException:
+        w.abort()
+        raise
+    w.close()
 
 
 def generate(out: Path, n_perts: int, n_cells: int, n_ctrl: int, seed: int = 0) -> dict:
@@ -125,9 +103,8 @@ def generate(out: Path, n_perts: int, n_cells: int, n_ctrl: int, seed: int = 0) 
     obs = pd.DataFrame({"target_gene": pd.Categorical(names[labels])},
                        index=[str(i) for i in range(labels.size)])
     real, pred, base = out / "real.h5ad", out / "pred.h5ad", out / "baseline.h5ad"
-    _write_h5ad_stream(real, labels.size, N_GENES, blocks(logfc, False), obs, genes)
-    _write_h5ad_stream(pred, labels.size, N_GENES, blocks(logfc + pred_noise, True), obs,
-                       genes)
+    _write_h5ad_stream(real, blocks(logfc, False), obs, genes)
+    _write_h5ad_stream(pred, blocks(logfc + pred_noise, True), obs, genes)
     # cell-mean-like baseline: one constant log1p vector for every perturbation (50 cells
     # each) + control cells
     n_b = 50
@@ -146,7 +123,7 @@ def generate(out: Path, n_perts: int, n_cells: int, n_ctrl: int, seed: int = 0) 
 
     bobs = pd.DataFrame({"target_gene": pd.Categorical(names[blab])},
                         index=[str(i) for i in range(blab.size)])
-    _write_h5ad_stream(base, blab.size, N_GENES, base_blocks(), bobs, genes)
+    _write_h5ad_stream(base, base_blocks(), bobs, genes)
     files = {"real": str(real), "pred": str(pred), "baseline": str(base),
              "n_cells": int(labels.size), "n_perts": n_perts}
     done.write_text(json.dumps(files))

@@ -1061,7 +1061,7 @@ def _obs_frame(model: SimModel, plan: CellPlan, rows: np.ndarray, barcodes: np.n
     )
 
 
-class _H5adWriter:
+class H5adWriter:
     """Writes one h5ad file: obs/var up front, X appended in row blocks (anndata's own API)."""
 
     def __init__(self, path: Path, obs: pd.DataFrame, var: pd.DataFrame, compression: str):
@@ -1355,7 +1355,7 @@ def simulate(config: SimConfig, out_dir: str | os.PathLike, progress: bool = Tru
             stale.unlink()
     file_rows = [np.flatnonzero(file_of_row == i) for i in range(len(values))]
     writers = [
-        _H5adWriter(paths[i], _obs_frame(model, plan, file_rows[i], barcodes), var, cfg.compression)
+        H5adWriter(paths[i], _obs_frame(model, plan, file_rows[i], barcodes), var, cfg.compression)
         for i in range(len(values))
     ]
     totals = np.zeros(n, np.int64)

@@ -86,6 +86,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from vcc_dist.constants import CONTEXT_KEY, CONTROL_LABEL, PERT_KEY
+from vcc_dist.infer.counts import COUNTS_COL, parse_pert_counts
 from vcc_dist.metrics.normalize import ExpressionError, prepare_expression
 
 __all__ = [
@@ -109,7 +110,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: cell-eval's counts column (``--counts-col``)
-COUNTS_COL = "n_cells"
 
 PathLike = str | os.PathLike
 CountsLike = Mapping[str, int] | pd.DataFrame | PathLike
@@ -162,46 +162,10 @@ def read_pert_counts(source: CountsLike, *, pert_col: str = PERT_KEY, counts_col
     and ``counts_col`` (cell-eval's counts CSV: ``target_gene,n_cells``; other columns are
     ignored). Counts must be non-negative integers; perturbations with 0 cells are dropped.
     """
-    where = "counts"
-    if isinstance(source, Mapping):
-        df = pd.DataFrame({pert_col: list(source.keys()), counts_col: list(source.values())})
-    elif isinstance(source, pd.DataFrame):
-        df = source
-    elif hasattr(source, "to_pandas"):  # polars
-        df = source.to_pandas()
-    elif isinstance(source, (str, os.PathLike)):
-        p = Path(source)
-        where = f"counts file {p}"
-        if not p.is_file():
-            raise BaselineError(f"{where} does not exist")
-        try:
-            df = pd.read_csv(p, dtype={pert_col: str})
-        except Exception as e:
-            raise BaselineError(f"{where}: cannot read it as CSV ({e})") from e
-    else:
-        raise BaselineError(f"counts: expected a dict, a DataFrame or a CSV path, got {type(source).__name__}")
-    missing = [c for c in (pert_col, counts_col) if c not in df.columns]
-    if missing:
-        raise BaselineError(
-            f"{where} has columns {list(df.columns)} but lacks {missing}; expected columns "
-            f"{pert_col!r} (perturbation) and {counts_col!r} (number of cells), as in "
-            "cell-eval's counts CSV")
-    perts = df[pert_col]
-    if perts.isna().any():
-        raise BaselineError(f"{where}: {int(perts.isna().sum())} rows have no {pert_col!r}")
-    perts = perts.astype(str).to_numpy()
-    n = pd.to_numeric(df[counts_col], errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(n) | (n < 0) | (np.modf(np.nan_to_num(n))[0] != 0)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise BaselineError(
-            f"{where}: {counts_col!r} must hold non-negative integers; row {i} ({perts[i]!r}) "
-            f"has {df[counts_col].iloc[i]!r}")
-    dup = pd.Index(perts)[pd.Index(perts).duplicated()].unique()
-    if len(dup):
-        raise BaselineError(f"{where}: perturbations listed more than once: {list(dup[:10])}")
-    out = {p: int(k) for p, k in zip(perts, n) if p != control_label and k > 0}
+    out = parse_pert_counts(source, pert_cols=(pert_col,), counts_col=counts_col,
+                            control_label=control_label, error=BaselineError)
     if not out:
+        where = f"counts file {source}" if isinstance(source, (str, os.PathLike)) else "counts"
         raise BaselineError(f"{where}: no perturbation with cells to predict (control rows are dropped)")
     return out
 

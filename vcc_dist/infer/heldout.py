@@ -73,7 +73,10 @@ def score_baselines(h5ads, split_path, out_dir, *, kinds=KINDS, features=None,
         rows.append(row)
     table = pd.DataFrame(rows)
     table.to_csv(out / "scores.csv", index=False)
-    (out / "scores.json").write_text(json.dumps({
+    # scores.json marks the stage complete (jobs/main.py): written last, and atomically
+    tmp = out / "scores.json.tmp"
+    tmp.write_text(json.dumps({
         "context": ctx, "n_perturbations": len(counts), "n_real_cells": int(real.n_obs),
         "scores": rows}, indent=2) + "\n")
+    tmp.replace(out / "scores.json")
     return table

@@ -68,6 +68,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from vcc_dist.constants import CONTROL_LABEL, PERT_KEY
+from vcc_dist.infer.counts import parse_pert_counts
 from vcc_dist.metrics.normalize import (
     FRACTION_EPS,
     LOG1P_MAX,
@@ -242,23 +243,9 @@ def read_expected_counts(counts: str | os.PathLike | pd.DataFrame, pert_col: str
     """Expected cells per perturbation (control rows dropped) from a CSV or DataFrame with a
     perturbation column (``pert_col`` or ``target_gene``) and ``n_cells``, as cell-eval
     baseline's counts file."""
-    # dtype=str and no NA parsing: gene symbols such as "NA" or "None" stay labels
-    df = (counts if isinstance(counts, pd.DataFrame)
-          else pd.read_csv(counts, dtype=str, keep_default_na=False))
-    col = pert_col if pert_col in df.columns else PERT_KEY
-    if col not in df.columns or "n_cells" not in df.columns:
-        raise SubmissionError(f"expected-counts table needs columns {pert_col!r} (or "
-                              f"{PERT_KEY!r}) and 'n_cells'; it has {list(df.columns)}")
-    try:
-        n = pd.to_numeric(df["n_cells"], errors="raise").to_numpy()
-    except (ValueError, TypeError) as e:
-        raise SubmissionError(f"expected-counts column 'n_cells' is not numeric: {e}") from None
-    s = pd.Series(n, index=df[col].astype(str).to_numpy(), name="n_cells")
-    s = s[s.index != control_label]
-    if s.index.duplicated().any():
-        raise SubmissionError("expected-counts table lists a perturbation more than once: "
-                              f"{_names(s.index[s.index.duplicated()].unique())}")
-    return s.astype(np.int64)
+    d = parse_pert_counts(counts, pert_cols=(pert_col, PERT_KEY), control_label=control_label,
+                          error=SubmissionError)
+    return pd.Series(list(d.values()), index=list(d.keys()), name="n_cells", dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -680,7 +667,7 @@ def _check_labels(rep, obs, pert_col, control_label, max_cells, n_cells):
 
 
 def _check_counts(rep, counts: pd.Series, expected: pd.Series):
-    exp = expected[expected > 0]
+    exp = expected  # zero-cell rows are dropped by read_expected_counts
     missing = [p for p in exp.index if p not in counts.index]
     extra = [p for p in counts.index if p not in exp.index]
     if missing or extra:

@@ -26,7 +26,6 @@ because bit-identical fold changes need libm's float32 ``expm1f``, which numpy d
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -34,17 +33,12 @@ import numba as nb
 import numpy as np
 import scipy.sparse as sp
 
+from vcc_dist.metrics.normalize import available_threads
+
 FDR_SCOPES = ("perturbation", "global")
 
 
 # ---------------------------------------------------------------------------- kernels
-
-@nb.njit(cache=True, nogil=True)
-def _sort_columns(indptr, data):
-    """Sort each CSC column's stored values in place."""
-    for j in range(indptr.shape[0] - 1):
-        data[indptr[j]:indptr[j + 1]].sort()
-
 
 @nb.njit(cache=True, nogil=True)
 def _csr_to_csc_values(indptr, indices, data, n_cols):
@@ -208,7 +202,7 @@ def _sorted_csc(m, dtype) -> tuple[np.ndarray, np.ndarray]:
     float32: one sort of 64-bit keys (column << 32 | the value's IEEE bits, which order like
     the values for x >= 0) gives column order and value order at once; numpy sorts 64-bit
     integers with vectorised (AVX-512/AVX2) code, ~2x faster than scatter + per-column sort.
-    Other dtypes: a counting scatter into columns, then a per-column sort (numba).
+    float64: a counting scatter into columns, then a per-column sort of the uint64 bits (numba).
     """
     m = sp.csr_matrix(m)
     data = np.ascontiguousarray(m.data, dtype=dtype)
@@ -223,11 +217,11 @@ def _sorted_csc(m, dtype) -> tuple[np.ndarray, np.ndarray]:
         indptr = np.zeros(n_cols + 1, np.int64)
         np.cumsum(np.bincount(idx, minlength=n_cols), out=indptr[1:])
         return indptr, keys.astype(np.uint32).view(np.float32)
+    if data.dtype != np.float64:
+        raise TypeError(f"expression must be float32 or float64, got {data.dtype} "
+                        "(vcc_dist.metrics.normalize.as_float_matrix converts it)")
     indptr, data = _csr_to_csc_values(m.indptr, m.indices, data, n_cols)
-    if data.dtype == np.float64:
-        _sort_columns_bits(indptr, data.view(np.uint64))
-    else:
-        _sort_columns(indptr, data)
+    _sort_columns_bits(indptr, data.view(np.uint64))
     return indptr, data
 
 
@@ -307,12 +301,8 @@ class DEResult:
     lfc: np.ndarray  # (T, G) float64 log2 fold change
     pvalue: np.ndarray  # (T, G) float64
     fdr: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))  # (T, G)
-    u_stat: np.ndarray | None = None
     pseudobulk: np.ndarray | None = None  # (T, G) mean expression, X's dtype
-
-    def with_fdr(self, scope: str = "perturbation") -> DEResult:
-        return DEResult(self.targets, self.n_cells, self.lfc, self.pvalue,
-                        bh_fdr(self.pvalue, scope), self.u_stat, self.pseudobulk)
+    control_pseudobulk: np.ndarray | None = None  # (G,)
 
     def significant(self, alpha: float = 0.05) -> np.ndarray:
         """cell-eval's test: float32(fdr) < 0.05 (its DE tables are cast to Float32)."""
@@ -334,30 +324,27 @@ def _one_target(x, rows, index: ControlIndex):
     grp = x[rows]
     bulk = expm1_like_pdex(_mean_like_pdex(grp))
     lfc = log2_fold_change(bulk, index.bulk)
-    u, p = wilcoxon_vs_control(index, grp)
-    return lfc, p, u, pseudobulk(grp)
-
-
-def default_threads() -> int:
-    return max(1, min(nb.config.NUMBA_NUM_THREADS, len(os.sched_getaffinity(0))))
+    _, p = wilcoxon_vs_control(index, grp)
+    return lfc, p, pseudobulk(grp)
 
 
 def de_against_control(x, rows_by_target: dict[str, np.ndarray], control_rows: np.ndarray,
-                       *, keep_u: bool = False, threads: int | None = None,
+                       *, threads: int | None = None,
                        progress=None) -> DEResult:
     """Rank-sum tests, fold changes and pseudobulks of every target's rows against
     ``control_rows``.
 
     ``x``: csr_matrix or ndarray of log1p expression (values >= 0, no stored zeros);
     row index arrays must be sorted ascending (file order, as pdex slices them). FDR is not
-    applied here (see ``DEResult.with_fdr``) so that callers splitting the targets across
+    applied here (``bh_fdr``, or ``FileSummary.de``) so that callers splitting the targets across
     workers can still apply a global BH. Targets run in ``threads`` threads (default: the
     CPUs available); the kernels release the GIL.
     """
     control_rows = np.asarray(control_rows)
     if control_rows.size == 0:
         raise ValueError("no control cells: DE needs the control group")
-    index = ControlIndex.build(x[control_rows])
+    ctrl = x[control_rows]
+    index = ControlIndex.build(ctrl)
     targets = list(rows_by_target)
     for name in targets:
         if len(rows_by_target[name]) == 0:
@@ -366,22 +353,19 @@ def de_against_control(x, rows_by_target: dict[str, np.ndarray], control_rows: n
     lfc = np.empty((t, g))
     pv = np.empty((t, g))
     bulk = np.empty((t, g), dtype=x.dtype)
-    us = np.empty((t, g)) if keep_u else None
     n_cells = np.array([len(rows_by_target[n]) for n in targets], np.int64)
 
     def run(i):
-        lfc[i], pv[i], u, bulk[i] = _one_target(x, rows_by_target[targets[i]], index)
-        if us is not None:
-            us[i] = u
+        lfc[i], pv[i], bulk[i] = _one_target(x, rows_by_target[targets[i]], index)
         if progress is not None:
             progress.update(1)
 
-    threads = threads or default_threads()
+    threads = threads or available_threads()
     if threads > 1 and t > 1:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(run, range(t)))
     else:
         for i in range(t):
             run(i)
-    return DEResult(np.asarray(targets, dtype=object), n_cells, lfc, pv, u_stat=us,
-                    pseudobulk=bulk)
+    return DEResult(np.asarray(targets, dtype=object), n_cells, lfc, pv, pseudobulk=bulk,
+                    control_pseudobulk=pseudobulk(ctrl))

@@ -145,11 +145,15 @@ def inspect_matrix(x, what: str = "X") -> MatrixCheck:
     return MatrixCheck(is_counts, n_zeros, lo, hi)
 
 
+def available_threads() -> int:
+    """CPUs this process may use (affinity), capped by NUMBA_NUM_THREADS."""
+    return max(1, min(len(os.sched_getaffinity(0)), nb.config.NUMBA_NUM_THREADS))
+
+
 def _in_threads(fn, n: int, *args):
     """Run ``fn(start, stop, *args)`` over ``n`` items split into one contiguous range per
     available CPU (the numba kernels release the GIL); returns the list of results."""
-    k = max(1, min(len(os.sched_getaffinity(0)), nb.config.NUMBA_NUM_THREADS,
-                   n // 1_000_000 + 1))
+    k = max(1, min(available_threads(), n // 1_000_000 + 1))
     bounds = np.linspace(0, n, k + 1).astype(np.int64)
     if k == 1:
         return [fn(0, n, *args)]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -67,14 +67,19 @@ class FileSummary:
     pvalue: np.ndarray  # (T, G) float64 Wilcoxon p-value vs controls
     control_label: str = CONTROL_LABEL
     was_counts: bool = False
+    _fdr: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def effects(self) -> np.ndarray:
         return self.bulk - self.control_bulk
 
     def de(self, fdr_scope: str = "perturbation") -> DEResult:
+        """DE with BH applied; kept per scope, so a cached real summary scored against many
+        predictions (Tune trials) sorts its p-values once."""
+        if fdr_scope not in self._fdr:
+            self._fdr[fdr_scope] = bh_fdr(self.pvalue, fdr_scope)
         return DEResult(self.perts, self.n_cells, self.lfc, self.pvalue,
-                        bh_fdr(self.pvalue, fdr_scope))
+                        self._fdr[fdr_scope])
 
     def save(self, path: str | Path) -> Path:
         """Write as .npz (atomic: a temp file renamed into place)."""
@@ -125,7 +130,7 @@ def _labels(adata, pert_col: str, what: str) -> np.ndarray:
 
 def _de_task(x, control_rows, rows_by_target):
     de = de_against_control(x, rows_by_target, control_rows)
-    return de.lfc, de.pvalue, de.pseudobulk
+    return de.lfc, de.pvalue, de.pseudobulk, de.control_pseudobulk
 
 
 def summarize(adata, *, pert_col: str = PERT_KEY, control_label: str = CONTROL_LABEL,
@@ -168,8 +173,7 @@ def summarize(adata, *, pert_col: str = PERT_KEY, control_label: str = CONTROL_L
     rows = {p: order[bounds[i]:bounds[i + 1]] for i, p in enumerate(perts)}  # ascending
     control_rows = rows.pop(control_label)
     targets = [p for p in perts if p != control_label]
-    ctrl_bulk = pseudobulk(x[control_rows])
-    lfc, pv, bulk = _run_de(x, control_rows, {p: rows[p] for p in targets}, num_workers, progress,
+    lfc, pv, bulk, ctrl_bulk = _run_de(x, control_rows, {p: rows[p] for p in targets}, num_workers, progress,
                       what)
     return FileSummary(genes=np.asarray(adata.var_names, dtype=object),
                        perts=np.asarray(targets, dtype=object),
@@ -183,7 +187,7 @@ def _run_de(x, control_rows, rows_by_target, num_workers, progress, what):
     n = len(rows_by_target)
     if n == 0:
         return np.zeros((0, x.shape[1])), np.zeros((0, x.shape[1])), \
-            np.zeros((0, x.shape[1]), x.dtype)
+            np.zeros((0, x.shape[1]), x.dtype), pseudobulk(x[control_rows])
     if num_workers and num_workers > 1 and n > 1:
         return _run_de_ray(x, control_rows, rows_by_target, num_workers)
     bar = None
@@ -195,7 +199,7 @@ def _run_de(x, control_rows, rows_by_target, num_workers, progress, what):
     finally:
         if bar is not None:
             bar.close()
-    return de.lfc, de.pvalue, de.pseudobulk
+    return de.lfc, de.pvalue, de.pseudobulk, de.control_pseudobulk
 
 
 def _run_de_ray(x, control_rows, rows_by_target, num_workers):
@@ -214,10 +218,10 @@ def _run_de_ray(x, control_rows, rows_by_target, num_workers):
     lfc = np.empty((len(names), x.shape[1]))
     pv = np.empty_like(lfc)
     bulk = np.empty(lfc.shape, x.dtype)
-    for c, (lc, pc, bc) in zip(chunks, ray.get(futures)):
+    for c, (lc, pc, bc, ctrl_bulk) in zip(chunks, ray.get(futures)):
         idx = [pos[p] for p in c]
         lfc[idx], pv[idx], bulk[idx] = lc, pc, bc
-    return lfc, pv, bulk
+    return lfc, pv, bulk, ctrl_bulk
 
 
 # ----------------------------------------------------------------------------- compare
