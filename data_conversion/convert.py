@@ -519,11 +519,12 @@ def convert_store(task: StoreTask, cfg: ConvertConfig, corpus_dir: str, genes: l
                 ad.AnnData(obs=obs, var=var).write_zarr(str(tmp))
             del obs
             root = zarr.open_group(str(tmp), mode="a", use_consolidated=False)
-            writer = CSRStoreWriter(root, n, G, nnz, layout)
-            # the Rust codec pipeline encodes shards on all cores, off the GIL (STACK_NOTES)
+            # the Rust codec pipeline encodes shards on all cores, off the GIL (STACK_NOTES);
+            # zarr fixes an array's pipeline when the array is created, so set it first
             if _has_zarrs():
                 stack.enter_context(
                     zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}))
+            writer = CSRStoreWriter(root, n, G, nnz, layout)
 
             # ---- pass B: gather in output order, map genes, write, accumulate
             acc = GeneAccumulator(n_genes=G)

@@ -19,3 +19,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="slow: opt in with --run-slow"))
         if "gpu" in item.keywords and not config.getoption("--run-gpu"):
             item.add_marker(pytest.mark.skip(reason="gpu: opt in with --run-gpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """A simulated tiny data set (one h5ad per context, split.toml) converted into a corpus,
+    with small stores so that contexts span several stores. Returns (SimResult, corpus dir)."""
+    import warnings
+
+    from data_conversion import ConvertConfig, convert_corpus
+    from vcc_dist.data.simulate import sim_config, simulate
+
+    root = tmp_path_factory.mktemp("tiny_corpus")
+    sim = simulate(sim_config("tiny", seed=3, split_files_by="cell_type"), root / "sim",
+                   progress=False)
+    corpus = root / "corpus"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_corpus(ConvertConfig(inputs=tuple(str(p) for p in sim.h5ad_paths),
+                                     out=str(corpus), parallel="serial", progress=False,
+                                     n_top_genes=50, max_cells_per_store=300, chunk_rows=8))
+    return sim, corpus

@@ -1,0 +1,425 @@
+"""Row-range reads from a corpus (DESIGN.md §4): the one place that touches store bytes.
+
+Every loader in vcc-dist reads rows through :class:`CorpusReader`:
+
+* a store's ``indptr``, ``total_counts`` and obs label codes are held in memory (8 + 8 + a few
+  bytes per cell) for at most ``max_open_stores`` stores at a time (least recently used are
+  closed), so a reader's memory does not grow with the number of stores in a corpus;
+* a request for rows becomes sorted runs of consecutive rows; runs closer than one inner chunk
+  are merged (a chunk is decoded once either way), and each merged run costs one slice of
+  ``X/data`` and one of ``X/indices`` through zarr's Rust codec pipeline (zarrs);
+* the rows come back in the order asked for, as a :class:`CSRBlock` of raw counts, which
+  :meth:`CorpusReader.normalize` turns into scanpy-identical ``normalize_total`` + ``log1p``
+  values and :func:`densify` into a dense float32 matrix over the chosen genes.
+
+Why not anndata's lazy ``sparse_dataset``: it re-reads ``indptr`` slices and decodes each
+requested row range separately (no merging, no reuse of decoded chunks) and cannot return rows
+in a requested order; it was 2x slower per row in benchmarks/store_layout.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numba as nb
+import numpy as np
+import pandas as pd
+import zarr
+
+from vcc_dist import constants as K
+from vcc_dist.data.corpus import CorpusError, CorpusManifest, load_manifest, store_path
+
+#: obs columns whose integer codes a reader keeps per store (labels stay in the categories)
+LABEL_KEYS = (K.CONTEXT_KEY, K.PERT_KEY, K.BATCH_KEY)
+
+
+def zarrs_pipeline():
+    """Context manager selecting the zarrs (Rust) codec pipeline when it is installed.
+
+    zarrs decodes the chunks of one slice in parallel and off the GIL; it made reads 2.4-3.2x
+    cheaper per CPU second (benchmarks/store_layout.py)."""
+    try:
+        import zarrs  # noqa: F401
+    except ImportError:
+        return contextlib.nullcontext()
+    return zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
+
+
+# ---------------------------------------------------------------------------------------------
+# blocks of rows
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CSRBlock:
+    """Rows of one or more stores in CSR form (columns = corpus vocabulary).
+
+    ``data`` holds raw counts as stored (unsigned integers) until :meth:`CorpusReader.normalize`
+    replaces it with float32 log1p values. ``totals`` is each row's ``total_counts``."""
+
+    data: np.ndarray
+    indices: np.ndarray
+    indptr: np.ndarray  # int64, len n_rows + 1
+    totals: np.ndarray  # int64 per row
+    n_cols: int
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.indptr) - 1
+
+    def to_scipy(self):
+        import scipy.sparse as sp
+
+        # scipy wants signed indices (the stores keep uint16/uint32)
+        return sp.csr_matrix((self.data, self.indices.astype(np.int64), self.indptr),
+                             shape=(self.n_rows, self.n_cols))
+
+    @staticmethod
+    def concat(blocks: Sequence[CSRBlock]) -> CSRBlock:
+        if len(blocks) == 1:
+            return blocks[0]
+        if not blocks:
+            raise ValueError("no blocks to concatenate")
+        offs = np.cumsum([0] + [int(b.indptr[-1]) for b in blocks])
+        indptr = np.concatenate([np.zeros(1, np.int64)]
+                                + [b.indptr[1:] + o for b, o in zip(blocks, offs[:-1])])
+        dt = np.result_type(*[b.data.dtype for b in blocks])
+        it = np.result_type(*[b.indices.dtype for b in blocks])
+        return CSRBlock(np.concatenate([b.data.astype(dt, copy=False) for b in blocks]),
+                        np.concatenate([b.indices.astype(it, copy=False) for b in blocks]),
+                        indptr, np.concatenate([b.totals for b in blocks]), blocks[0].n_cols)
+
+
+@nb.njit(nogil=True, cache=True)
+def _gather_rows(src_ptr, src_data, src_idx, pos, out_ptr, out_data, out_idx):  # pragma: no cover
+    """Copy rows ``pos`` (row numbers into the source CSR) into the output CSR, in order."""
+    k = 0
+    out_ptr[0] = 0
+    for r in range(pos.shape[0]):
+        a = src_ptr[pos[r]]
+        b = src_ptr[pos[r] + 1]
+        for j in range(a, b):
+            out_data[k] = src_data[j]
+            out_idx[k] = src_idx[j]
+            k += 1
+        out_ptr[r + 1] = k
+
+
+@nb.njit(nogil=True, cache=True)
+def _scale_rows(indptr, counts, scale, out):  # pragma: no cover
+    """out[j] = float32(counts[j]) / scale[row of j] (scanpy's ``x / s`` in float32)."""
+    for r in range(indptr.shape[0] - 1):
+        s = scale[r]
+        for j in range(indptr[r], indptr[r + 1]):
+            out[j] = np.float32(counts[j]) / s
+
+
+@nb.njit(nogil=True, cache=True)
+def _densify(indptr, indices, data, colmap, out):  # pragma: no cover
+    """out[r, colmap[g]] = value for every stored (r, g) whose gene is selected (colmap >= 0).
+    ``out`` must be zero-filled."""
+    for r in range(indptr.shape[0] - 1):
+        for j in range(indptr[r], indptr[r + 1]):
+            c = colmap[indices[j]]
+            if c >= 0:
+                out[r, c] = data[j]
+
+
+def densify(block: CSRBlock, colmap: np.ndarray, n_out: int,
+            out: np.ndarray | None = None) -> np.ndarray:
+    """Dense float32 ``(n_rows, n_out)`` matrix of ``block`` over the genes that ``colmap``
+    (vocabulary column -> output column, -1 = dropped) selects. ``out`` (zero-filled, C
+    order) lets a caller write straight into a preallocated batch tensor."""
+    if out is None:
+        out = np.zeros((block.n_rows, n_out), np.float32)
+    elif out.shape != (block.n_rows, n_out) or not out.flags.c_contiguous:
+        raise ValueError(f"out has shape {out.shape}, expected C-ordered {(block.n_rows, n_out)}")
+    if block.data.size:
+        _densify(block.indptr, block.indices, block.data, colmap, out)
+    return out
+
+
+def merge_runs(rows: np.ndarray, indptr: np.ndarray, max_gap: int) -> np.ndarray:
+    """Sorted unique ``rows`` -> ``(k, 2)`` row runs ``[start, stop)``; consecutive runs whose
+    element gap is below ``max_gap`` (one inner chunk) are merged, since reading through the
+    gap decodes no chunk that the two reads would not decode anyway."""
+    if rows.size == 0:
+        return np.zeros((0, 2), np.int64)
+    brk = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = rows[np.r_[0, brk]]
+    stops = rows[np.r_[brk - 1, rows.size - 1]] + 1
+    if starts.size > 1:
+        gap = indptr[starts[1:]] - indptr[stops[:-1]]
+        keep = np.r_[True, gap >= max_gap]
+        run_id = np.cumsum(keep) - 1
+        new_starts = starts[keep]
+        new_stops = np.zeros_like(new_starts)
+        np.maximum.at(new_stops, run_id, stops)
+        starts, stops = new_starts, new_stops
+    return np.stack([starts, stops], axis=1).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# one store
+# ---------------------------------------------------------------------------------------------
+
+
+class StoreReader:
+    """One corpus store: in-memory indptr/totals/label codes, row reads of X."""
+
+    def __init__(self, path: str | os.PathLike, n_genes: int):
+        self.path = str(path)
+        try:
+            root = zarr.open_group(self.path, mode="r")
+            x = root["X"]
+            with zarrs_pipeline():  # the codec pipeline is fixed when an array is opened
+                self._data = x["data"]
+                self._indices = x["indices"]
+            self.indptr = np.asarray(x["indptr"][:], np.int64)
+            obs = root["obs"]
+            self.totals = np.asarray(obs[K.TOTAL_COUNTS_KEY][:], np.int64)
+            self.codes: dict[str, np.ndarray] = {}
+            self.categories: dict[str, list[str]] = {}
+            for key in LABEL_KEYS:
+                self.codes[key] = np.asarray(obs[key]["codes"][:])
+                self.categories[key] = [str(c) for c in obs[key]["categories"][:]]
+        except (KeyError, FileNotFoundError) as e:
+            raise CorpusError(f"store {self.path} is missing {e}; it is not a complete vcc-dist "
+                              "store. Re-run the conversion (it resumes) or "
+                              "`python jobs/validate_corpus.py`.") from e
+        shape = tuple(x.attrs.get("shape", ()))
+        self.n_rows = len(self.indptr) - 1
+        if shape != (self.n_rows, n_genes) or len(self.totals) != self.n_rows:
+            raise CorpusError(f"store {self.path}: X has shape {shape}, indptr {self.n_rows} rows, "
+                              f"total_counts {len(self.totals)}; expected ({self.n_rows}, {n_genes}) "
+                              "from corpus.json. The store does not belong to this corpus.")
+        self.chunk = int(self._data.chunks[0])
+        self.data_dtype = self._data.dtype
+
+    def read_runs(self, runs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Concatenated CSR (data, indices, indptr) of the row runs ``[(start, stop), ...]``."""
+        ip = self.indptr
+        parts_d, parts_i, parts_p = [], [], [np.zeros(1, np.int64)]
+        off = 0
+        for a, b in runs:
+            ea, eb = int(ip[a]), int(ip[b])
+            if eb > ea:
+                parts_d.append(self._data[ea:eb])
+                parts_i.append(self._indices[ea:eb])
+            parts_p.append(ip[a + 1:b + 1] - ea + off)
+            off += eb - ea
+        if parts_d:
+            data = np.concatenate(parts_d) if len(parts_d) > 1 else parts_d[0]
+            idx = np.concatenate(parts_i) if len(parts_i) > 1 else parts_i[0]
+        else:
+            data = np.zeros(0, self.data_dtype)
+            idx = np.zeros(0, self._indices.dtype)
+        return data, idx, np.concatenate(parts_p)
+
+    def read_rows(self, rows: np.ndarray, n_cols: int) -> CSRBlock:
+        """Rows (any order, repeats allowed) as a CSRBlock in the order given."""
+        rows = np.asarray(rows, np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
+            raise IndexError(f"rows outside [0, {self.n_rows}) requested from {self.path}")
+        uniq, inv = np.unique(rows, return_inverse=True)
+        runs = merge_runs(uniq, self.indptr, self.chunk)
+        data, idx, ptr = self.read_runs(runs)
+        # position of each unique row inside the concatenated runs
+        run_len = runs[:, 1] - runs[:, 0]
+        run_off = np.r_[0, np.cumsum(run_len)[:-1]]
+        which = np.searchsorted(runs[:, 1], uniq, side="right")
+        pos_u = run_off[which] + (uniq - runs[which, 0])
+        pos = pos_u[inv]
+        lens = ptr[pos + 1] - ptr[pos]
+        out_ptr = np.zeros(rows.size + 1, np.int64)
+        out_data = np.empty(int(lens.sum()), data.dtype)
+        out_idx = np.empty(out_data.size, idx.dtype)
+        _gather_rows(ptr, data, idx, pos.astype(np.int64), out_ptr, out_data, out_idx)
+        return CSRBlock(out_data, out_idx, out_ptr, self.totals[rows], n_cols)
+
+
+# ---------------------------------------------------------------------------------------------
+# a corpus
+# ---------------------------------------------------------------------------------------------
+
+
+def _median_total(corpus_dir: Path, manifest: CorpusManifest) -> float:
+    """Median ``total_counts`` over all cells of the corpus (scanpy's default target).
+
+    Exact, in bounded memory: per-store value histograms (``np.unique``) are merged, so the
+    whole column is never held at once. Cached next to ``corpus.json`` (keyed by the stores'
+    names and checksums) because a 10^8-cell corpus needs a full pass over obs."""
+    key = json.dumps([[s.name, s.source_checksum, s.n_cells] for s in manifest.stores])
+    cache = corpus_dir / ".median_total.json"
+    try:
+        c = json.loads(cache.read_text())
+        if c.get("key") == key:
+            return float(c["median"])
+    except (OSError, ValueError, KeyError):
+        pass
+    vals: dict[int, int] = {}
+    for s in manifest.stores:
+        tot = zarr.open_array(str(store_path(corpus_dir, s.name) / "obs" / K.TOTAL_COUNTS_KEY),
+                              mode="r")[:]
+        u, c = np.unique(np.asarray(tot, np.int64), return_counts=True)
+        for a, b in zip(u.tolist(), c.tolist()):
+            vals[a] = vals.get(a, 0) + b
+    if not vals:
+        raise CorpusError(f"corpus {corpus_dir} has no cells")
+    u = np.array(sorted(vals), np.float64)
+    c = np.array([vals[int(x)] for x in u], np.int64)
+    cum = np.cumsum(c)
+    n = int(cum[-1])
+    lo = u[np.searchsorted(cum, (n - 1) // 2, side="right")]
+    hi = u[np.searchsorted(cum, n // 2, side="right")]
+    med = (lo + hi) / 2.0
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    with contextlib.suppress(OSError):  # a read-only corpus just recomputes next time
+        tmp.write_text(json.dumps({"key": key, "median": med}))
+        os.replace(tmp, cache)
+    return float(med)
+
+
+def gene_selection(manifest: CorpusManifest, genes: str | Sequence[str]) -> np.ndarray:
+    """Vocabulary column numbers of ``genes``: "all", "hvg" (the corpus's highly variable
+    genes) or an explicit list of symbols (output order = the list's order)."""
+    if isinstance(genes, str):
+        if genes == "all":
+            return np.arange(len(manifest.genes), dtype=np.int64)
+        if genes == "hvg":
+            sel = np.flatnonzero(manifest.highly_variable)
+            if sel.size == 0:
+                raise CorpusError("the corpus has no highly variable genes; use genes='all'")
+            return sel.astype(np.int64)
+        raise ValueError(f"genes={genes!r}: expected 'all', 'hvg' or a list of gene symbols")
+    pos = {g: i for i, g in enumerate(manifest.genes)}
+    missing = [g for g in genes if g not in pos]
+    if missing:
+        raise CorpusError(f"{len(missing)} requested genes are not in the corpus vocabulary, "
+                          f"e.g. {missing[:5]}")
+    return np.array([pos[g] for g in genes], np.int64)
+
+
+# process-wide cache of open stores, least recently used first (bounded: see CorpusReader.store)
+_OPEN: OrderedDict[tuple[str, str], StoreReader] = OrderedDict()
+_OPEN_LOCK = threading.Lock()
+_OPEN_MIN = 2
+
+
+class CorpusReader:
+    """Reads rows of any store of a corpus, normalised on the fly.
+
+    ``genes``: "all", "hvg" or a list of symbols (output columns). ``target_sum``: the
+    normalize_total target; None = the median ``total_counts`` of the corpus (scanpy's
+    default), ``log1p``: natural log1p after normalising; ``normalize=False`` returns raw
+    counts as float32. Picklable (it reopens stores lazily in each process)."""
+
+    def __init__(self, corpus_dir: str | os.PathLike, genes: str | Sequence[str] = "all",
+                 target_sum: float | None = None, normalize: bool = True, log1p: bool = True,
+                 max_open_stores: int = 8):
+        self.corpus_dir = Path(corpus_dir)
+        self.manifest = load_manifest(self.corpus_dir)
+        self.store_names = [s.name for s in self.manifest.stores]
+        self.n_cells = np.array([int(s.n_cells or 0) for s in self.manifest.stores], np.int64)
+        self.n_vocab = len(self.manifest.genes)
+        self.gene_index = gene_selection(self.manifest, genes)
+        self.genes = [self.manifest.genes[i] for i in self.gene_index]
+        self.colmap = np.full(self.n_vocab, -1, np.int64)
+        self.colmap[self.gene_index] = np.arange(self.gene_index.size)
+        self.normalize_counts = bool(normalize)
+        self.log1p = bool(log1p)
+        if target_sum is not None and not target_sum > 0:
+            raise ValueError(f"target_sum={target_sum!r} must be positive (or None for the median)")
+        self.target_sum = (float(target_sum) if target_sum is not None
+                           else _median_total(self.corpus_dir, self.manifest))
+        if max_open_stores < 1:
+            raise ValueError("max_open_stores must be >= 1")
+        self.max_open_stores = int(max_open_stores)
+
+    @property
+    def n_genes(self) -> int:
+        return int(self.gene_index.size)
+
+    def __getstate__(self):
+        # ship only what reading needs (no manifest or gene statistics)
+        d = dict(self.__dict__)
+        d["manifest"] = None
+        d["genes"] = None
+        return d
+
+    def store(self, i: int) -> StoreReader:
+        """Open store ``i`` (shared by every reader of this process: Ray runs many read tasks in
+        one worker process, and reopening a store costs its indptr and labels each time)."""
+        key = (str(self.corpus_dir.resolve()), self.store_names[i])
+        with _OPEN_LOCK:
+            s = _OPEN.get(key)
+            if s is not None:
+                _OPEN.move_to_end(key)
+                return s
+        s = StoreReader(store_path(self.corpus_dir, self.store_names[i]), self.n_vocab)
+        with _OPEN_LOCK:
+            _OPEN[key] = s
+            while len(_OPEN) > max(self.max_open_stores, _OPEN_MIN):
+                _OPEN.popitem(last=False)
+        return s
+
+    def groups(self, i: int) -> pd.DataFrame:
+        """The store's (context, perturbation, batch) groups with row ranges [start, stop)."""
+        g = zarr.open_group(str(store_path(self.corpus_dir, self.store_names[i]) / "uns"
+                                / K.STORE_GROUPS_KEY), mode="r")
+        return pd.DataFrame({k: g[k][:] for k in (K.CONTEXT_KEY, K.PERT_KEY, K.BATCH_KEY,
+                                                  "start", "stop")})
+
+    def read(self, store: int, rows: np.ndarray) -> CSRBlock:
+        """Raw-count rows of one store in the order given."""
+        return self.store(store).read_rows(rows, self.n_vocab)
+
+    def read_many(self, store_ids: np.ndarray, rows: np.ndarray) -> CSRBlock:
+        """Rows from several stores (``store_ids[k]``, ``rows[k]``), in the order given."""
+        store_ids = np.asarray(store_ids)
+        rows = np.asarray(rows, np.int64)
+        uniq = np.unique(store_ids)
+        if uniq.size == 1:
+            return self.read(int(uniq[0]), rows)
+        order = np.argsort(store_ids, kind="stable")
+        parts = [self.read(int(s), rows[order[store_ids[order] == s]]) for s in uniq]
+        blk = CSRBlock.concat(parts)
+        back = np.empty_like(order)
+        back[order] = np.arange(order.size)
+        return take_rows(blk, back)
+
+    def normalize(self, block: CSRBlock) -> CSRBlock:
+        """Raw counts -> float32 ``normalize_total(target_sum)`` (+ ``log1p``), in scanpy's
+        float32 arithmetic (``x / (total / target)``, zero totals left as is)."""
+        vals = np.empty(block.data.size, np.float32)
+        if not self.normalize_counts:
+            vals[:] = block.data
+        else:
+            scale = block.totals.astype(np.float32) / np.float32(self.target_sum)
+            scale[scale == 0] = 1
+            _scale_rows(block.indptr, block.data, scale, vals)
+            if self.log1p:
+                np.log1p(vals, out=vals)  # numpy's log1p, as scanpy: bit-identical values
+        return CSRBlock(vals, block.indices, block.indptr, block.totals, block.n_cols)
+
+    def dense(self, block: CSRBlock, out: np.ndarray | None = None) -> np.ndarray:
+        """Normalised block -> dense float32 over the selected genes."""
+        return densify(block, self.colmap, self.n_genes, out)
+
+
+def take_rows(block: CSRBlock, pos: np.ndarray) -> CSRBlock:
+    """Rows ``pos`` of ``block`` (any order, repeats allowed)."""
+    pos = np.asarray(pos, np.int64)
+    lens = block.indptr[pos + 1] - block.indptr[pos]
+    out_ptr = np.zeros(pos.size + 1, np.int64)
+    out_data = np.empty(int(lens.sum()), block.data.dtype)
+    out_idx = np.empty(out_data.size, block.indices.dtype)
+    _gather_rows(block.indptr, block.data, block.indices, pos, out_ptr, out_data, out_idx)
+    return CSRBlock(out_data, out_idx, out_ptr, block.totals[pos], block.n_cols)

@@ -1,0 +1,231 @@
+"""Training / validation / test splits in STATE's (cell-load's) TOML format.
+
+A STATE user's ``starter.toml`` works unchanged::
+
+    [datasets]
+    replogle = "/data/replogle/"            # dataset name -> directory (or file) of its h5ad files
+
+    [training]
+    replogle = "train"                      # datasets whose cells are used
+
+    [zeroshot]
+    "replogle.jurkat" = "test"              # a whole context held out (val or test)
+
+    [fewshot]
+    [fewshot."replogle.rpe1"]               # some perturbations of a context held out
+    val = ["AARS"]
+    test = ["NUP107", "POLR2B"]
+
+Semantics (as cell-load 0.10.4): every cell of a ``[training]`` dataset is a training cell,
+except the perturbed cells of ``[zeroshot]`` contexts (the whole context goes to the named
+split: "val", "test" or "train") and the listed perturbations of ``[fewshot]`` contexts (their
+cells go to val and/or test; a perturbation listed in both goes to both; the unlisted ones stay
+in training). Control cells are never held out: every split may draw its controls from them,
+and the controls of a held-out context still form training control sets. Keys are
+``"<dataset>.<context>"`` split at the first dot. Unlike cell-load, a key whose context is not in
+the corpus is an error (cell-load silently ignores it, so a typo trains on the test context).
+
+A corpus store belongs to the dataset whose ``[datasets]`` path matches the store's source file:
+a directory containing it, the file itself, or a glob (``*``, ``?``, ``[...]``, ``{a,b}``) matching
+it; with a single dataset every store belongs to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+TRAIN, VAL, TEST = "train", "val", "test"
+ROLES = (TRAIN, VAL, TEST)
+
+
+class SplitError(ValueError):
+    """A split file is malformed or does not fit the corpus; the message says what to fix."""
+
+
+@dataclass
+class SplitSpec:
+    datasets: dict[str, str]
+    training: dict[str, str] = field(default_factory=dict)
+    zeroshot: dict[str, str] = field(default_factory=dict)
+    fewshot: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    source: str = ""  # where it was read from (for messages)
+
+    # -- parsing -------------------------------------------------------------------------------
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike) -> SplitSpec:
+        p = Path(path)
+        if not p.is_file():
+            raise SplitError(f"split file {p} does not exist")
+        return cls.loads(p.read_text(), source=str(p))
+
+    @classmethod
+    def loads(cls, text: str, source: str = "<string>") -> SplitSpec:
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise SplitError(f"split file {source}: not valid TOML ({e})") from e
+        unknown = set(doc) - {"datasets", "training", "zeroshot", "fewshot"}
+        if unknown:
+            raise SplitError(f"split file {source}: unknown section(s) {sorted(unknown)}; "
+                             "expected [datasets], [training], [zeroshot], [fewshot]")
+        datasets = doc.get("datasets") or {}
+        if not datasets or not isinstance(datasets, Mapping):
+            raise SplitError(f"split file {source}: [datasets] is missing or empty; add "
+                             'name = "/path/to/h5ad/dir"')
+        training = doc.get("training") or {}
+        for name, val in training.items():
+            if name not in datasets:
+                raise SplitError(f"split file {source}: [training] names dataset {name!r}, "
+                                 f"which [datasets] does not define ({sorted(datasets)})")
+            if val != TRAIN:
+                raise SplitError(f"split file {source}: [training] {name} = {val!r}; the only "
+                                 'value cell-load accepts is "train"')
+        zeroshot: dict[str, str] = {}
+        for key, val in (doc.get("zeroshot") or {}).items():
+            if val not in ROLES:
+                raise SplitError(f"split file {source}: [zeroshot] {key!r} = {val!r}; use "
+                                 '"val", "test" or "train"')
+            _check_key(key, datasets, source, "zeroshot")
+            zeroshot[key] = val
+        fewshot: dict[str, dict[str, list[str]]] = {}
+        for key, entry in (doc.get("fewshot") or {}).items():
+            if not isinstance(entry, Mapping):
+                raise SplitError(f"split file {source}: [fewshot.{key!r}] must be a table with "
+                                 "val = [...] and/or test = [...]")
+            _check_key(key, datasets, source, "fewshot")
+            bad = set(entry) - {VAL, TEST}
+            if bad:
+                raise SplitError(f"split file {source}: [fewshot.{key!r}] has unknown keys "
+                                 f"{sorted(bad)}; only val and test are allowed")
+            fewshot[key] = {r: [str(x) for x in entry.get(r, [])] for r in (VAL, TEST)}
+            if key in zeroshot:
+                raise SplitError(f"split file {source}: context {key!r} is both zeroshot and "
+                                 "fewshot; keep one")
+        return cls({k: str(v) for k, v in datasets.items()}, dict(training), zeroshot,
+                   fewshot, source)
+
+    def to_toml(self) -> str:
+        def q(s: str) -> str:
+            return json.dumps(s)
+
+        lines = ["[datasets]"] + [f"{k} = {q(v)}" for k, v in self.datasets.items()]
+        lines += ["", "[training]"] + [f"{k} = {q(v)}" for k, v in self.training.items()]
+        lines += ["", "[zeroshot]"] + [f"{q(k)} = {q(v)}" for k, v in self.zeroshot.items()]
+        lines += ["", "[fewshot]"]
+        for k, entry in self.fewshot.items():
+            lines += ["", f"[fewshot.{q(k)}]"]
+            for r in (VAL, TEST):
+                lines.append(f"{r} = [{', '.join(q(x) for x in entry.get(r, []))}]")
+        return "\n".join(lines) + "\n"
+
+    # -- applying it to a corpus ----------------------------------------------------------------
+    def store_datasets(self, sources: Sequence[str]) -> list[str | None]:
+        """Dataset name of each store (by its source file path); None = not in any dataset."""
+        if len(self.datasets) == 1:
+            return [next(iter(self.datasets))] * len(sources)
+        out: list[str | None] = []
+        for src in sources:
+            s = os.path.realpath(src)
+            hits = [k for k, v in self.datasets.items() if _path_matches(v, s)]
+            out.append(max(hits, key=lambda k: len(self.datasets[k])) if hits else None)
+        return out
+
+    def group_roles(self, groups: pd.DataFrame, store_sources: Sequence[str],
+                    contexts: Sequence[str], perturbations: Sequence[str],
+                    control_index: int) -> np.ndarray:
+        """Role of every group row (``store``, ``context``, ``pert`` codes): "train", "val",
+        "test", "val,test" (a few-shot perturbation listed in both), or "" (not used: its
+        dataset is not in [training]). Control groups are "train" (and serve as controls for
+        every split)."""
+        ds_of_store = self.store_datasets(store_sources)
+        if all(d is None for d in ds_of_store):
+            raise SplitError(f"split {self.source}: no corpus store comes from a [datasets] "
+                             f"path ({self.datasets}); store sources are e.g. "
+                             f"{list(store_sources)[:2]}")
+        training = set(self.training) if self.training else set(self.datasets)
+        ctx_names = np.asarray(contexts, dtype=object)
+        pert_names = np.asarray(perturbations, dtype=object)
+        roles = np.full(len(groups), "", dtype=object)
+        seen_keys: set[str] = set()
+        listed_found: dict[str, set[str]] = {}
+        store = groups["store"].to_numpy()
+        ctx = groups["context"].to_numpy()
+        pert = groups["pert"].to_numpy()
+        for i in range(len(groups)):
+            ds = ds_of_store[store[i]]
+            if ds is None or ds not in training:
+                continue
+            key = f"{ds}.{ctx_names[ctx[i]]}"
+            seen_keys.add(key)
+            if pert[i] == control_index:
+                roles[i] = TRAIN
+                continue
+            name = pert_names[pert[i]]
+            if key in self.zeroshot:
+                roles[i] = self.zeroshot[key]
+            elif key in self.fewshot:
+                entry = self.fewshot[key]
+                held = [r for r in (VAL, TEST) if name in entry[r]]
+                roles[i] = ",".join(held) if held else TRAIN
+                if name in entry[TEST] or name in entry[VAL]:
+                    listed_found.setdefault(key, set()).add(name)
+            else:
+                roles[i] = TRAIN
+        missing = [k for k in list(self.zeroshot) + list(self.fewshot) if k not in seen_keys]
+        if missing:
+            known = sorted(seen_keys)
+            raise SplitError(f"split {self.source}: context(s) {missing} are not in the corpus "
+                             f"(known dataset.context keys: {known[:10]}"
+                             f"{'...' if len(known) > 10 else ''})")
+        for key, entry in self.fewshot.items():
+            listed = set(entry[VAL]) | set(entry[TEST])
+            absent = sorted(listed - listed_found.get(key, set()))
+            if absent:
+                warnings.warn(f"split {self.source}: {len(absent)} perturbation(s) listed for "
+                              f"{key} have no cells there, e.g. {absent[:5]}", stacklevel=2)
+        return roles
+
+
+def has_role(role: str, split: str) -> bool:
+    """Whether a group role string ("train", "val,test", ...) includes ``split``."""
+    return split in role.split(",")
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    i = pattern.find("{")
+    j = pattern.find("}", i + 1)
+    if i < 0 or j < 0:
+        return [pattern]
+    return [x for alt in pattern[i + 1:j].split(",")
+            for x in _expand_braces(pattern[:i] + alt + pattern[j + 1:])]
+
+
+def _path_matches(spec: str, source_realpath: str) -> bool:
+    """Whether a [datasets] path (directory, file or glob with braces) covers a source file."""
+    import fnmatch
+
+    spec = os.path.expanduser(spec)
+    if any(c in spec for c in "*?[{"):
+        return any(fnmatch.fnmatch(source_realpath, os.path.realpath(p)) or
+                   fnmatch.fnmatch(source_realpath, p) for p in _expand_braces(spec))
+    root = os.path.realpath(spec)
+    return source_realpath == root or source_realpath.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _check_key(key: str, datasets: Mapping, source: str, section: str) -> None:
+    if "." not in key:
+        raise SplitError(f"split file {source}: [{section}] key {key!r} must be "
+                         '"<dataset>.<context>"')
+    ds = key.split(".", 1)[0]
+    if ds not in datasets:
+        raise SplitError(f"split file {source}: [{section}] key {key!r} names dataset {ds!r}, "
+                         f"which [datasets] does not define ({sorted(datasets)})")

@@ -1,0 +1,353 @@
+"""Ray Data streams for training: the SE cell stream and the ST set stream (DESIGN.md §4).
+
+    stream = cell_stream("corpus/", CellStreamConfig(batch_size=256), world_size=2)
+    trainer = TorchTrainer(loop, datasets={"train": stream.dataset}, ...)
+    # in each worker:
+    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=None):
+        x = batch["X"]                      # [256, G] float32 log1p(normalize_total)
+
+    stream = set_stream("corpus/", SetStreamConfig(set_size=128, batch_size=16),
+                        split="split.toml", world_size=2)
+    for batch in shard.iter_torch_batches(batch_size=None):
+        batch["ctrl"], batch["pert"]         # [16, 128, G] each
+        batch["pert_index"], batch["batch_index"], batch["context_index"]   # [16]
+
+How it runs: a custom :class:`ray.data.Datasource` turns the epoch's plan (vcc_dist.data.plans)
+into read tasks, each reading whole plan units and emitting one Arrow row per batch that
+packs the batch's raw-count CSR rows and labels; ``map_batches`` (fused into the same task)
+normalises and densifies them into one row per cell (SE) or per set (ST). Tensors never exist
+in the training process before they are needed, and a batch is dense only after the read.
+
+Epochs: Ray Data executes a dataset again for every epoch (``iter_*_batches`` on the shard); the
+datasource counts its executions, so execution k plays epoch ``position.epoch + k``. Ray Train
+splits the dataset across workers with ``streaming_split(equal=True)``; the plan has a multiple
+of ``world_size`` batches of equal size, and ``preserve_order`` is set on the dataset so blocks
+are dealt to workers deterministically. Batch order is identical for the same seed.
+
+Resuming: every row carries ``epoch`` and ``step`` (the batch id within the epoch). A consumer
+records the steps it consumed; after a restart, build the stream with
+``StreamPosition(epoch, consumed=<steps consumed by all workers>)`` and those batches are not
+read again (``consumed=n`` means steps 0..n-1).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from vcc_dist import constants as K
+from vcc_dist.data.labels import CorpusLabels, corpus_labels
+from vcc_dist.data.plans import (CellPlan, CellStreamConfig, SetPlan, SetStreamConfig,
+                                 StreamPosition, Unit, read_cell_unit)
+from vcc_dist.data.reader import CorpusReader, CSRBlock
+from vcc_dist.data.splits import TRAIN, SplitSpec
+
+PACKED = "packed"
+
+
+def _pack(d: dict[str, Any]):
+    import pyarrow as pa
+
+    return pa.table({PACKED: pa.array([pickle.dumps(d, protocol=5)], type=pa.large_binary())})
+
+
+def _unpack(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    return [pickle.loads(x) for x in batch[PACKED]]
+
+
+def _csr_parts(b: CSRBlock) -> dict[str, np.ndarray]:
+    return {"data": b.data, "indices": b.indices, "indptr": b.indptr, "totals": b.totals}
+
+
+def _csr_from(d: dict[str, np.ndarray], n_cols: int) -> CSRBlock:
+    return CSRBlock(d["data"], d["indices"], d["indptr"], d["totals"], n_cols)
+
+
+# ---------------------------------------------------------------------------------------------
+# the datasource
+# ---------------------------------------------------------------------------------------------
+
+
+class PlanDatasource:
+    """Shared part of both streams; subclasses say how a unit becomes packed batches.
+
+    (Built lazily as a ray.data.Datasource subclass so that importing vcc_dist.data does not
+    import Ray.)"""
+
+
+def _make_datasource_class():
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class _PlanSource(Datasource):
+        def __init__(self, read_units: Callable, units_for_epoch: Callable, bytes_per_batch: int,
+                     position: StreamPosition):
+            super().__init__()
+            self._read_units = read_units
+            self._units_for_epoch = units_for_epoch
+            self._bytes_per_batch = bytes_per_batch
+            self._position = position
+            self._executions = 0
+
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            # Ray calls this for planning (no data_context) and once per execution = epoch
+            epoch = self._position.epoch + self._executions
+            if data_context is not None:
+                self._executions += 1
+            skip = self._position.skip_set() if epoch == self._position.epoch else frozenset()
+            units = [u for u in self._units_for_epoch(epoch)
+                     if not all(b in skip for b in range(u.first_batch,
+                                                         u.first_batch + u.n_batches))]
+            if not units:
+                return []
+            n_tasks = max(1, min(int(parallelism or 1), len(units)))
+            tasks = []
+            for chunk in np.array_split(np.arange(len(units)), n_tasks):
+                us = [units[i] for i in chunk]
+                nb = sum(u.n_batches for u in us)
+                meta = BlockMetadata(num_rows=nb, size_bytes=nb * self._bytes_per_batch,
+                                     input_files=None, exec_stats=None)
+                tasks.append(ReadTask(functools.partial(self._read_units, epoch, us, skip), meta,
+                                      per_task_row_limit=per_task_row_limit))
+            return tasks
+
+    return _PlanSource
+
+
+@functools.lru_cache(maxsize=1)
+def _datasource_class():
+    return _make_datasource_class()
+
+
+#: most read tasks per epoch (each reads one or more whole units)
+MAX_READ_TASKS = 1024
+
+
+def _dataset(read_units, units_for_epoch, bytes_per_batch, position, transform, n_units: int):
+    import ray
+
+    src = _datasource_class()(read_units, units_for_epoch, bytes_per_batch, position)
+    # one read task per unit (up to MAX_READ_TASKS): with fewer tasks than its default
+    # parallelism, Ray would split every read output into more blocks and stop fusing the
+    # read with the transform below
+    ds = ray.data.read_datasource(src, override_num_blocks=max(1, min(n_units, MAX_READ_TASKS)))
+    # batch_size=None: whole blocks (one packed batch each); a batch_size would block fusion
+    # of the read and the transform into one task (Ray fuses only without a row minimum)
+    ds = ds.map_batches(transform, batch_size=None, batch_format="numpy", zero_copy_batch=True)
+    # deterministic dealing of blocks to the workers of streaming_split (see module doc)
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# SE cell stream
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_cell_units(reader: CorpusReader, cfg: CellStreamConfig, split: str,
+                     store_maps: dict[str, list[np.ndarray]], epoch: int, units: list[Unit],
+                     skip: frozenset):
+    B = cfg.batch_size
+    for u in units:
+        block, st, rows, steps = read_cell_unit(reader, cfg, split, epoch, u)
+        labels = _cell_labels(reader, store_maps, st, rows)
+        for j in range(u.n_batches):
+            step = u.first_batch + j
+            if step in skip:
+                continue
+            sl = slice(j * B, (j + 1) * B)
+            sub = _slice_rows(block, sl)
+            yield _pack({"cells": _csr_parts(sub), "store": st[sl].astype(np.int32),
+                         "row": rows[sl], "step": step, "epoch": epoch,
+                         **{k: v[sl] for k, v in labels.items()}})
+
+
+def _cell_labels(reader, store_maps, st, rows) -> dict[str, np.ndarray]:
+    out = {f"{k}_index": np.empty(rows.size, np.int32) for k in ("context", "pert", "batch")}
+    keys = {"context": K.CONTEXT_KEY, "pert": K.PERT_KEY, "batch": K.BATCH_KEY}
+    for s in np.unique(st):
+        m = st == s
+        codes = reader.store(int(s)).codes
+        for short, key in keys.items():
+            out[f"{short}_index"][m] = store_maps[key][int(s)][codes[key][rows[m]]]
+    return out
+
+
+def _slice_rows(b: CSRBlock, sl: slice) -> CSRBlock:
+    a, z = sl.start, min(sl.stop, b.n_rows)
+    ea, ez = int(b.indptr[a]), int(b.indptr[z])
+    return CSRBlock(b.data[ea:ez], b.indices[ea:ez], b.indptr[a:z + 1] - ea, b.totals[a:z],
+                    b.n_cols)
+
+
+class DenseCells:
+    """map_batches transform: packed raw counts -> one row per cell with ``X`` [G] float32
+    (normalize_total + log1p over the selected genes) and its labels. Replace it (``transform=``)
+    to tokenise for SE instead; it receives the same packed batches."""
+
+    def __init__(self, reader: CorpusReader):
+        self.reader = reader
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = [self.one(d) for d in _unpack(batch)]
+        if len(outs) == 1:
+            return outs[0]
+        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+    def one(self, d: dict[str, Any]) -> dict[str, np.ndarray]:
+        blk = self.reader.normalize(_csr_from(d["cells"], self.reader.n_vocab))
+        n = blk.n_rows
+        return {"X": self.reader.dense(blk), "store": d["store"], "row": d["row"],
+                "context_index": d["context_index"], "pert_index": d["pert_index"],
+                "batch_index": d["batch_index"],
+                "step": np.full(n, d["step"], np.int64), "epoch": np.full(n, d["epoch"], np.int32)}
+
+
+@dataclass
+class Stream:
+    """A training stream: the Ray dataset plus what a consumer needs to interpret it."""
+
+    dataset: Any  # ray.data.Dataset
+    genes: list[str]
+    labels: CorpusLabels
+    batches_per_epoch: int  # over all workers (each worker gets batches_per_epoch / world_size)
+    batch_size: int
+    world_size: int
+    config: Any
+    reader: CorpusReader
+
+    @property
+    def batches_per_worker(self) -> int:
+        return self.batches_per_epoch // self.world_size
+
+
+def cell_stream(corpus_dir: str | os.PathLike, cfg: CellStreamConfig | None = None, *,
+                split: str = TRAIN, world_size: int = 1,
+                position: StreamPosition | None = None,
+                transform: Callable | None = None) -> Stream:
+    """The SE cell stream of a corpus (``split``: "train", or "val" with ``val_fraction``)."""
+    cfg = cfg or CellStreamConfig()
+    position = position or StreamPosition()
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size} must be >= 1")
+    reader = CorpusReader(corpus_dir, genes=cfg.genes if isinstance(cfg.genes, str)
+                          else list(cfg.genes), target_sum=cfg.target_sum, log1p=cfg.log1p)
+    genes = list(reader.genes)
+    labels, _ = corpus_labels(reader)
+    plan = CellPlan(reader.n_cells, cfg)
+    units0 = plan.epoch_units(split, position.epoch, world_size)
+    n_batches = sum(u.n_batches for u in units0)
+    if n_batches == 0:
+        raise ValueError(f"the {split} cells ({plan.n_cells(split)}) do not fill one batch of "
+                         f"{cfg.batch_size} per worker x {world_size} workers")
+    read = functools.partial(_read_cell_units, reader, cfg, split, labels.store_maps)
+    units_for = functools.partial(plan.epoch_units, split, world_size=world_size)
+    ds = _dataset(read, units_for, cfg.batch_size * reader.n_genes * 4, position,
+                  transform or DenseCells(reader), len(units0))
+    return Stream(ds, genes, labels, n_batches, cfg.batch_size, world_size, cfg, reader)
+
+
+# ---------------------------------------------------------------------------------------------
+# ST set stream
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_set_units(reader: CorpusReader, plan: SetPlan, split: str, epoch: int,
+                    units: list[Unit], skip: frozenset):
+    B, S = plan.cfg.batch_size, plan.cfg.set_size
+    for u in units:
+        d = plan.read_unit(reader, split, epoch, u)
+        n_sets = d["set_id"].size
+        for j in range(u.n_batches):
+            step = u.first_batch + j
+            if step in skip:
+                continue
+            a, z = j * B, min((j + 1) * B, n_sets)
+            out = {k: v[a:z] for k, v in d.items() if isinstance(v, np.ndarray)}
+            out["pert_cells"] = _csr_parts(_slice_rows(d["pert_cells"], slice(a * S, z * S)))
+            out["ctrl_cells"] = _csr_parts(_slice_rows(d["ctrl_cells"], slice(a * S, z * S)))
+            out["epoch"] = epoch
+            yield _pack(out)
+
+
+class DenseSets:
+    """map_batches transform: packed sets -> one row per set with ``ctrl`` and ``pert``
+    [S, G] float32 (normalize_total + log1p) and per-set indices."""
+
+    def __init__(self, reader: CorpusReader, set_size: int):
+        self.reader = reader
+        self.S = set_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = [self.one(d) for d in _unpack(batch)]
+        if len(outs) == 1:
+            return outs[0]
+        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+    def one(self, d: dict[str, Any]) -> dict[str, np.ndarray]:
+        r, S = self.reader, self.S
+        n = d["set_id"].size
+        out = {}
+        for name in ("ctrl", "pert"):
+            blk = r.normalize(_csr_from(d[f"{name}_cells"], r.n_vocab))
+            out[name] = r.dense(blk).reshape(n, S, r.n_genes)
+        for k in ("pert_index", "context_index", "batch_index", "pert_cell_batch",
+                  "ctrl_cell_batch", "set_id", "is_padding", "step", "pert_store", "pert_row",
+                  "ctrl_store", "ctrl_row"):
+            out[k] = d[k]
+        out["epoch"] = np.full(n, d["epoch"], np.int32)
+        return out
+
+
+def set_plan(corpus_dir: str | os.PathLike, cfg: SetStreamConfig,
+             split: str | os.PathLike | SplitSpec | None,
+             reader: CorpusReader | None = None) -> tuple[SetPlan, CorpusReader]:
+    """The set plan of a corpus under a split file (None = every group is training)."""
+    reader = reader or CorpusReader(corpus_dir, genes=cfg.genes if isinstance(cfg.genes, str)
+                                    else list(cfg.genes), target_sum=cfg.target_sum,
+                                    log1p=cfg.log1p)
+    labels, groups = corpus_labels(reader)
+    if split is None:
+        roles = np.full(len(groups), TRAIN, dtype=object)
+    else:
+        spec = split if isinstance(split, SplitSpec) else SplitSpec.from_toml(split)
+        from vcc_dist.data.corpus import load_manifest
+
+        sources = [s.source for s in load_manifest(reader.corpus_dir).stores]
+        roles = spec.group_roles(groups, sources, labels.contexts, labels.perturbations,
+                                 labels.control_index)
+    return SetPlan(groups, roles, labels, cfg), reader
+
+
+def set_stream(corpus_dir: str | os.PathLike, cfg: SetStreamConfig | None = None, *,
+               split: str | os.PathLike | SplitSpec | None = None, role: str = TRAIN,
+               world_size: int = 1, position: StreamPosition | None = None,
+               transform: Callable | None = None) -> Stream:
+    """The ST set stream of a corpus: ``role`` "train", "val" or "test" sets of ``split``."""
+    cfg = cfg or SetStreamConfig()
+    position = position or StreamPosition()
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size} must be >= 1")
+    plan, reader = set_plan(corpus_dir, cfg, split)
+    units0 = plan.epoch_units(role, position.epoch, world_size)
+    n_batches = sum(u.n_batches for u in units0)
+    read = functools.partial(_read_set_units, reader, plan, role)
+    units_for = functools.partial(plan.epoch_units, role, world_size=world_size)
+    per_batch = 2 * cfg.batch_size * cfg.set_size * reader.n_genes * 4
+    ds = _dataset(read, units_for, per_batch, position,
+                  transform or DenseSets(reader, cfg.set_size), len(units0))
+    return Stream(ds, list(reader.genes), plan.labels, n_batches, cfg.batch_size, world_size,
+                  cfg, reader)
+
+
+def corpus_dir_of(path: str | os.PathLike) -> Path:
+    return Path(path)
