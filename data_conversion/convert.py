@@ -75,7 +75,7 @@ class ConvertConfig:
     #: larger inputs become several stores, converted in parallel (one Ray task each)
     max_cells_per_store: int = 131_072
     read_budget_mb: int = 128
-    chunk_rows: int = 32
+    chunk_rows: int = 8
     shard_mb: int = 64
     compressor: str = "lz4"
     clevel: int = 5

@@ -33,9 +33,12 @@ def choose_layout(n_genes: int, max_value: float, mean_nnz_per_row: float, chunk
                   shard_mb: int, compressor: str, clevel: int) -> StoreLayout:
     """Smallest exact dtypes; inner chunks holding ~chunk_rows rows; shards of ~shard_mb MiB.
 
-    Chunk and shard sizes are powers of two so every store of a corpus reads alike; the choice of
-    32 rows and lz4 comes from benchmarks/store_layout.py (see benchmarks/RESULTS.md); 64 MiB
-    shards keep a 1.9e9-non-zero store to ~60 files per array.
+    Chunk and shard sizes are powers of two so every store of a corpus reads alike (a chunk
+    holds chunk_rows to 2 x chunk_rows rows); the default of 8 rows (~15 rows at VCC density)
+    and lz4 come from benchmarks/store_layout.py and benchmarks/loader.py (see
+    benchmarks/RESULTS.md): the loaders read runs of 32-64 rows at random offsets, and smaller
+    chunks waste less at run edges; 64 MiB shards keep a 1.9e9-non-zero store to ~60 files per
+    array.
     """
     if max_value < 2**8:
         ddt = "uint8"

@@ -54,9 +54,13 @@ def test_cell_epoch_covers_cells_once_in_full_batches(tiny_corpus):
     n_total = int(r.n_cells.sum())
     assert len(cells) == len(set(cells)), "a cell was served twice in one epoch"
     assert len(cells) % cfg.batch_size == 0
-    # only unit remainders (< one batch per unit holding a short store-tail block) are skipped
-    short_units = sum(1 for u in units if (u.payload[2] - u.payload[1]).min() < cfg.block_rows)
-    assert n_total - len(cells) < cfg.batch_size * (short_units + 1)
+    # only unit remainders are skipped: < one batch per store's short last block, + 1
+    n_short = int(((plan.stop - plan.start) < cfg.block_rows).sum())
+    assert n_total - len(cells) < cfg.batch_size * (n_short + 2)
+    # the same number of batches every epoch (a fixed length for schedulers and sharding)
+    assert len(cells) // cfg.batch_size == plan.batches_per_epoch("train")
+    for e in (1, 2, 3):
+        assert sum(u.n_batches for u in plan.epoch_units("train", e)) == len(cells) // 32
     # batch ids are consecutive and each batch has batch_size cells
     assert np.array_equal(np.unique(steps, return_counts=True)[1],
                           np.full(len(cells) // 32, 32))
@@ -104,6 +108,7 @@ def test_stream_position_skip_set():
 
 @pytest.mark.parametrize("bad", [dict(batch_size=0), dict(block_rows=-1),
                                  dict(batch_size=512, block_rows=4, buffer_blocks=4),
+                                 dict(batch_size=48, block_rows=8, buffer_blocks=8),
                                  dict(val_fraction=1.0)])
 def test_cell_config_validation(bad):
     with pytest.raises(ValueError):

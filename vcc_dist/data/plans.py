@@ -18,14 +18,17 @@ batch with ``control_strategy="batch"`` or ``group_by="context_pert_batch"``, as
 with ``set_size`` control cells of the same context
 (``control_strategy="random"``) or of the same context and batch, cell by cell, falling back to
 the context where that batch has no controls (``"batch"``). Each epoch, the cells of every group
-are shuffled and cut into sets (a last short set is topped up by sampling the group again, so
+are ordered and cut into sets (a last short set is topped up with repeats of its own cells, so
 every set is full); sets are shuffled, grouped into units, and batches are ``batch_size``
-consecutive sets. With ``control_sets`` (STATE's ``should_yield_control_cells``, on by default)
+consecutive sets. A set's cells are ``block_rows``-row runs of its group in a seeded block order
+(block sampling, so that a set reads a few runs instead of S scattered rows; ``block_rows=1`` draws
+cells uniformly, as cell-load). With ``control_sets`` (STATE's ``should_yield_control_cells``,
+on by default)
 the control cells of every context also form training sets, their controls matched the same way.
 Controls are drawn from a per-unit *control reservoir*: random blocks of
-``control_block_rows`` consecutive control rows of the matching pool, about as many cells as the
+``block_rows`` consecutive control rows of the matching pool, about as many cells as the
 unit needs; each set draws its controls uniformly from it. A per-cell uniform draw from the
-whole pool (``control_block_rows=1``) decodes a whole inner chunk for every control cell; the
+whole pool (``block_rows=1``) decodes a whole inner chunk for every control cell; the
 reservoir reads whole chunks and uses what it reads (benchmarks/RESULTS.md).
 """
 
@@ -88,13 +91,15 @@ class CellStreamConfig:
     genes: str | tuple[str, ...] = "all"  # "all", "hvg" or gene symbols
     target_sum: float | None = None  # None = median total_counts of the corpus
     log1p: bool = True
+    decode_threads: int = 1  # zarrs threads per read task (each task holds one Ray CPU)
 
     def __post_init__(self):
-        for k in ("batch_size", "block_rows", "buffer_blocks"):
+        for k in ("batch_size", "block_rows", "buffer_blocks", "decode_threads"):
             _positive(k, getattr(self, k))
-        if self.block_rows * self.buffer_blocks < self.batch_size:
-            raise ValueError(f"buffer of {self.buffer_blocks} blocks x {self.block_rows} rows is "
-                             f"smaller than batch_size={self.batch_size}; raise buffer_blocks")
+        if (self.block_rows * self.buffer_blocks) % self.batch_size:
+            raise ValueError(f"the buffer ({self.buffer_blocks} blocks x {self.block_rows} rows) "
+                             f"must be a multiple of batch_size={self.batch_size}; change "
+                             "buffer_blocks or batch_size")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction={self.val_fraction} must be in [0, 1)")
         if isinstance(self.genes, list):
@@ -149,6 +154,15 @@ class CellPlan:
         b = self.blocks(split)
         return int((self.stop[b] - self.start[b]).sum())
 
+    def batches_per_epoch(self, split: str, world_size: int = 1) -> int:
+        """The same every epoch: every unit of whole blocks yields buffer/batch_size batches; a
+        unit holding a store's short last block, and the epoch's last unit, lose less than one
+        batch each."""
+        ids = self.blocks(split)
+        n_short = int(((self.stop[ids] - self.start[ids]) < self.cfg.block_rows).sum())
+        n = max(0, self.n_cells(split) // self.cfg.batch_size - n_short - 1)
+        return n - n % max(world_size, 1)
+
     def epoch_units(self, split: str, epoch: int, world_size: int = 1) -> list[Unit]:
         cfg = self.cfg
         ids = self.blocks(split)
@@ -165,7 +179,7 @@ class CellPlan:
                 units.append(Unit(u, first, nb, (self.store[blk], self.start[blk],
                                                   self.stop[blk])))
                 first += nb
-        return _trim_units(units, first - first % max(world_size, 1))
+        return _trim_units(units, self.batches_per_epoch(split, world_size))
 
 
 def read_cell_unit(reader: CorpusReader, cfg: CellStreamConfig, split: str, epoch: int,
@@ -210,17 +224,18 @@ class SetStreamConfig:
     group_by: str = "auto"  # auto = by batch too with control_strategy "batch" (as cell-load)
     control_strategy: str = "random"
     control_sets: bool = True  # training sets of control cells (as STATE; targets = controls)
-    control_block_rows: int = 32  # consecutive rows per control-reservoir block
-    control_reuse: float = 1.0  # control draws per reservoir cell (1 = reservoir ~ demand)
-    sets_per_unit: int = 0  # sets read together (0 = 4 batches)
+    block_rows: int = 32  # consecutive rows per block (sets and control reservoirs; 1 = per cell)
+    control_reuse: float = 4.0  # control draws per reservoir cell within a unit
+    sets_per_unit: int = 0  # sets read together (0 = one batch)
     min_group_cells: int = 1  # groups with fewer cells give no sets
     seed: int = 0
     genes: str | tuple[str, ...] = "all"
     target_sum: float | None = None
     log1p: bool = True
+    decode_threads: int = 1  # zarrs threads per read task (each task holds one Ray CPU)
 
     def __post_init__(self):
-        for k in ("set_size", "batch_size", "control_block_rows", "min_group_cells"):
+        for k in ("set_size", "batch_size", "block_rows", "min_group_cells", "decode_threads"):
             _positive(k, getattr(self, k))
         if self.group_by not in GROUP_BY:
             raise ValueError(f"group_by={self.group_by!r}: expected one of {GROUP_BY}")
@@ -243,7 +258,7 @@ class SetStreamConfig:
 
     @property
     def unit_sets(self) -> int:
-        return self.sets_per_unit or 4 * self.batch_size
+        return self.sets_per_unit or self.batch_size
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -362,14 +377,25 @@ class SetPlan:
 
     # -- reading -------------------------------------------------------------------------------
     def _set_cells(self, epoch: int, g: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(store, row) of the k-th set of group g in this epoch."""
-        S = self.cfg.set_size
+        """(store, row) of the k-th set of group g in this epoch: the group's cells in blocks of
+        ``block_rows`` consecutive rows, blocks in a seeded order, cut into sets of S; a last
+        short set is topped up with repeats of its own cells (as cell-load pads)."""
+        S, R = self.cfg.set_size, self.cfg.block_rows
         r = self.groups[g]
-        perm = rng_for(self.cfg.seed, epoch, _P_GROUP, g).permutation(r.n)
-        idx = perm[k * S:(k + 1) * S]
+        n_blocks = -(-r.n // R)
+        border = rng_for(self.cfg.seed, epoch, _P_GROUP, g).permutation(n_blocks)
+        # running indices of the cells in block order, restricted to the k-th set's slice
+        first, last = k * S, min((k + 1) * S, r.n)
+        bstart = border * R
+        blen = np.minimum(bstart + R, r.n) - bstart
+        cum = np.r_[0, np.cumsum(blen)]
+        i0 = np.searchsorted(cum, first, side="right") - 1
+        i1 = np.searchsorted(cum, last, side="left")
+        idx = np.concatenate([np.arange(bstart[i], bstart[i] + blen[i]) for i in range(i0, i1)])
+        idx = idx[first - cum[i0]: first - cum[i0] + (last - first)]
         if idx.size < S:
-            fill = rng_for(self.cfg.seed, epoch, _P_FILL, g, k).integers(0, r.n, S - idx.size)
-            idx = np.r_[idx, fill]
+            fill = rng_for(self.cfg.seed, epoch, _P_FILL, g, k).integers(0, idx.size, S - idx.size)
+            idx = np.r_[idx, idx[fill]]
         return r.locate(idx)
 
     def read_unit(self, reader: CorpusReader, split: str, epoch: int,
@@ -383,7 +409,8 @@ class SetPlan:
         p_store = np.empty(n_sets * S, np.int32)
         p_row = np.empty(n_sets * S, np.int64)
         for j, (g, k) in enumerate(zip(gids, ks)):
-            p_store[j * S:(j + 1) * S], p_row[j * S:(j + 1) * S] = self._set_cells(e, int(g), int(k))
+            sl = slice(j * S, (j + 1) * S)
+            p_store[sl], p_row[sl] = self._set_cells(e, int(g), int(k))
         ctx = self.table["context"].to_numpy()[gids]
         pert_block = reader.read_many(p_store, p_row)
         p_batch = self._cell_batches(reader, p_store, p_row)
@@ -423,7 +450,8 @@ class SetPlan:
             "pert_index": t["pert"].to_numpy()[gids].astype(np.int32),
             "context_index": ctx.astype(np.int32),
             "batch_index": t["batch"].to_numpy()[gids].astype(np.int32),
-            "pert_cell_batch": p_batch.reshape(n_sets, S), "ctrl_cell_batch": c_batch.reshape(n_sets, S),
+            "pert_cell_batch": p_batch.reshape(n_sets, S),
+            "ctrl_cell_batch": c_batch.reshape(n_sets, S),
             "set_id": set_ids.astype(np.int64), "is_padding": pad,
             "step": (unit.first_batch + np.arange(n_sets) // cfg.batch_size).astype(np.int64),
             "pert_store": p_store.reshape(n_sets, S), "pert_row": p_row.reshape(n_sets, S),
@@ -437,7 +465,7 @@ class SetPlan:
         want = min(pool.n, max(cfg.set_size, math.ceil(demand / cfg.control_reuse)))
         if want >= pool.n:
             return np.arange(pool.n)
-        R = cfg.control_block_rows
+        R = cfg.block_rows
         n_blocks = math.ceil(pool.n / R)
         pick = rng_for(cfg.seed, epoch, _P_CTRL_BLOCKS, unit, key_i).choice(
             n_blocks, min(n_blocks, math.ceil(want / R)), replace=False)

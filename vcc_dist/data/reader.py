@@ -40,16 +40,46 @@ from vcc_dist.data.corpus import CorpusError, CorpusManifest, load_manifest, sto
 LABEL_KEYS = (K.CONTEXT_KEY, K.PERT_KEY, K.BATCH_KEY)
 
 
-def zarrs_pipeline():
+def zarrs_pipeline(threads: int | None = None):
     """Context manager selecting the zarrs (Rust) codec pipeline when it is installed.
 
     zarrs decodes the chunks of one slice in parallel and off the GIL; it made reads 2.4-3.2x
-    cheaper per CPU second (benchmarks/store_layout.py)."""
+    cheaper per CPU second (benchmarks/store_layout.py). ``threads`` caps its thread pool: a
+    Ray task holding one CPU should decode on one thread (busy-waiting pool threads of
+    several tasks on the same cores cost CPU time for nothing)."""
     try:
         import zarrs  # noqa: F401
     except ImportError:
         return contextlib.nullcontext()
-    return zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
+    cfg = {"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}
+    if threads:
+        cfg["threading.max_workers"] = int(threads)
+    return zarr.config.set(cfg)
+
+
+_MALLOC_TUNED = False
+
+
+def tune_malloc() -> None:
+    """Keep freed large buffers in this process's heap instead of returning them to the OS.
+
+    glibc serves allocations above 32 MiB with fresh mmap pages, so every batch buffer of a
+    loader (tens to hundreds of MB) page-faults on first touch; that was a third of a read
+    task's CPU time (benchmarks/RESULTS.md). Raising the mmap and trim thresholds makes them
+    reuse heap memory; the process keeps its high-water mark, which the stream settings bound.
+    Called once per process by every store reader; set VCC_DIST_MALLOC=default to skip it."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or os.environ.get("VCC_DIST_MALLOC") == "default":
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: 1 GiB
+        libc.mallopt(-1, 2 << 30)  # M_TRIM_THRESHOLD: 2 GiB
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,6 +138,20 @@ def _gather_rows(src_ptr, src_data, src_idx, pos, out_ptr, out_data, out_idx):  
         for j in range(a, b):
             out_data[k] = src_data[j]
             out_idx[k] = src_idx[j]
+            k += 1
+        out_ptr[r + 1] = k
+
+
+@nb.njit(nogil=True, cache=True)
+def _gather_spans(src_data, src_idx, starts, lens, out_ptr, out_data, out_idx):  # pragma: no cover
+    """Copy spans ``[starts[r], starts[r] + lens[r])`` of the source arrays, row after row."""
+    k = 0
+    out_ptr[0] = 0
+    for r in range(starts.shape[0]):
+        a = starts[r]
+        for j in range(lens[r]):
+            out_data[k] = src_data[a + j]
+            out_idx[k] = src_idx[a + j]
             k += 1
         out_ptr[r + 1] = k
 
@@ -174,12 +218,13 @@ def merge_runs(rows: np.ndarray, indptr: np.ndarray, max_gap: int) -> np.ndarray
 class StoreReader:
     """One corpus store: in-memory indptr/totals/label codes, row reads of X."""
 
-    def __init__(self, path: str | os.PathLike, n_genes: int):
+    def __init__(self, path: str | os.PathLike, n_genes: int, threads: int | None = None):
+        tune_malloc()
         self.path = str(path)
         try:
             root = zarr.open_group(self.path, mode="r")
             x = root["X"]
-            with zarrs_pipeline():  # the codec pipeline is fixed when an array is opened
+            with zarrs_pipeline(threads):  # the pipeline is fixed when an array is opened
                 self._data = x["data"]
                 self._indices = x["indices"]
             self.indptr = np.asarray(x["indptr"][:], np.int64)
@@ -198,30 +243,41 @@ class StoreReader:
         self.n_rows = len(self.indptr) - 1
         if shape != (self.n_rows, n_genes) or len(self.totals) != self.n_rows:
             raise CorpusError(f"store {self.path}: X has shape {shape}, indptr {self.n_rows} rows, "
-                              f"total_counts {len(self.totals)}; expected ({self.n_rows}, {n_genes}) "
+                              f"total_counts {len(self.totals)}; expected "
+                              f"({self.n_rows}, {n_genes}) "
                               "from corpus.json. The store does not belong to this corpus.")
         self.chunk = int(self._data.chunks[0])
         self.data_dtype = self._data.dtype
 
-    def read_runs(self, runs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Concatenated CSR (data, indices, indptr) of the row runs ``[(start, stop), ...]``."""
+    def plan(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sorted unique ``rows`` -> (runs, element offset of each row inside the concatenated
+        runs, total elements of the runs)."""
+        runs = merge_runs(rows, self.indptr, self.chunk)
         ip = self.indptr
-        parts_d, parts_i, parts_p = [], [], [np.zeros(1, np.int64)]
-        off = 0
+        run_elems = ip[runs[:, 1]] - ip[runs[:, 0]]
+        run_base = np.r_[0, np.cumsum(run_elems)[:-1]].astype(np.int64)
+        which = np.searchsorted(runs[:, 1], rows, side="right")
+        offs = run_base[which] + (ip[rows] - ip[runs[which, 0]])
+        return runs, offs, int(run_elems.sum())
+
+    def read_into(self, runs: np.ndarray, data: np.ndarray, indices: np.ndarray) -> None:
+        """Decode the runs' values straight into ``data``/``indices`` (consecutive, no copy)."""
+        from zarr.core.buffer.cpu import NDBuffer
+
+        ip = self.indptr
+        pos = 0
         for a, b in runs:
             ea, eb = int(ip[a]), int(ip[b])
-            if eb > ea:
-                parts_d.append(self._data[ea:eb])
-                parts_i.append(self._indices[ea:eb])
-            parts_p.append(ip[a + 1:b + 1] - ea + off)
-            off += eb - ea
-        if parts_d:
-            data = np.concatenate(parts_d) if len(parts_d) > 1 else parts_d[0]
-            idx = np.concatenate(parts_i) if len(parts_i) > 1 else parts_i[0]
-        else:
-            data = np.zeros(0, self.data_dtype)
-            idx = np.zeros(0, self._indices.dtype)
-        return data, idx, np.concatenate(parts_p)
+            if eb == ea:
+                continue
+            n = eb - ea
+            for arr, buf in ((self._data, data), (self._indices, indices)):
+                dst = buf[pos:pos + n]
+                if arr.dtype == buf.dtype:
+                    arr.get_basic_selection(slice(ea, eb), out=NDBuffer.from_numpy_array(dst))
+                else:  # stores of one corpus with different dtypes
+                    dst[:] = arr[ea:eb]
+            pos += n
 
     def read_rows(self, rows: np.ndarray, n_cols: int) -> CSRBlock:
         """Rows (any order, repeats allowed) as a CSRBlock in the order given."""
@@ -229,20 +285,21 @@ class StoreReader:
         if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
             raise IndexError(f"rows outside [0, {self.n_rows}) requested from {self.path}")
         uniq, inv = np.unique(rows, return_inverse=True)
-        runs = merge_runs(uniq, self.indptr, self.chunk)
-        data, idx, ptr = self.read_runs(runs)
-        # position of each unique row inside the concatenated runs
-        run_len = runs[:, 1] - runs[:, 0]
-        run_off = np.r_[0, np.cumsum(run_len)[:-1]]
-        which = np.searchsorted(runs[:, 1], uniq, side="right")
-        pos_u = run_off[which] + (uniq - runs[which, 0])
-        pos = pos_u[inv]
-        lens = ptr[pos + 1] - ptr[pos]
-        out_ptr = np.zeros(rows.size + 1, np.int64)
-        out_data = np.empty(int(lens.sum()), data.dtype)
-        out_idx = np.empty(out_data.size, idx.dtype)
-        _gather_rows(ptr, data, idx, pos.astype(np.int64), out_ptr, out_data, out_idx)
-        return CSRBlock(out_data, out_idx, out_ptr, self.totals[rows], n_cols)
+        runs, offs, total = self.plan(uniq)
+        data = np.empty(total, self.data_dtype)
+        idx = np.empty(total, self._indices.dtype)
+        self.read_into(runs, data, idx)
+        lens = (self.indptr[uniq + 1] - self.indptr[uniq])[inv]
+        return _spans_to_block(data, idx, offs[inv], lens, self.totals[rows], n_cols)
+
+
+def _spans_to_block(data, idx, starts, lens, totals, n_cols) -> CSRBlock:
+    out_ptr = np.zeros(starts.size + 1, np.int64)
+    out_data = np.empty(int(lens.sum()), data.dtype)
+    out_idx = np.empty(out_data.size, idx.dtype)
+    _gather_spans(data, idx, starts.astype(np.int64), lens.astype(np.int64), out_ptr, out_data,
+                  out_idx)
+    return CSRBlock(out_data, out_idx, out_ptr, totals, n_cols)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +365,7 @@ def gene_selection(manifest: CorpusManifest, genes: str | Sequence[str]) -> np.n
 
 
 # process-wide cache of open stores, least recently used first (bounded: see CorpusReader.store)
-_OPEN: OrderedDict[tuple[str, str], StoreReader] = OrderedDict()
+_OPEN: OrderedDict[tuple, StoreReader] = OrderedDict()
 _OPEN_LOCK = threading.Lock()
 _OPEN_MIN = 2
 
@@ -319,11 +376,12 @@ class CorpusReader:
     ``genes``: "all", "hvg" or a list of symbols (output columns). ``target_sum``: the
     normalize_total target; None = the median ``total_counts`` of the corpus (scanpy's
     default), ``log1p``: natural log1p after normalising; ``normalize=False`` returns raw
-    counts as float32. Picklable (it reopens stores lazily in each process)."""
+    counts as float32. ``decode_threads``: threads decoding one read (None = all cores; the
+    streams use 1 per Ray task). Picklable (it reopens stores lazily in each process)."""
 
     def __init__(self, corpus_dir: str | os.PathLike, genes: str | Sequence[str] = "all",
                  target_sum: float | None = None, normalize: bool = True, log1p: bool = True,
-                 max_open_stores: int = 8):
+                 max_open_stores: int = 8, decode_threads: int | None = None):
         self.corpus_dir = Path(corpus_dir)
         self.manifest = load_manifest(self.corpus_dir)
         self.store_names = [s.name for s in self.manifest.stores]
@@ -342,6 +400,7 @@ class CorpusReader:
         if max_open_stores < 1:
             raise ValueError("max_open_stores must be >= 1")
         self.max_open_stores = int(max_open_stores)
+        self.decode_threads = decode_threads
 
     @property
     def n_genes(self) -> int:
@@ -357,13 +416,14 @@ class CorpusReader:
     def store(self, i: int) -> StoreReader:
         """Open store ``i`` (shared by every reader of this process: Ray runs many read tasks in
         one worker process, and reopening a store costs its indptr and labels each time)."""
-        key = (str(self.corpus_dir.resolve()), self.store_names[i])
+        key = (str(self.corpus_dir.resolve()), self.store_names[i], self.decode_threads)
         with _OPEN_LOCK:
             s = _OPEN.get(key)
             if s is not None:
                 _OPEN.move_to_end(key)
                 return s
-        s = StoreReader(store_path(self.corpus_dir, self.store_names[i]), self.n_vocab)
+        s = StoreReader(store_path(self.corpus_dir, self.store_names[i]), self.n_vocab,
+                        self.decode_threads)
         with _OPEN_LOCK:
             _OPEN[key] = s
             while len(_OPEN) > max(self.max_open_stores, _OPEN_MIN):
@@ -382,18 +442,40 @@ class CorpusReader:
         return self.store(store).read_rows(rows, self.n_vocab)
 
     def read_many(self, store_ids: np.ndarray, rows: np.ndarray) -> CSRBlock:
-        """Rows from several stores (``store_ids[k]``, ``rows[k]``), in the order given."""
+        """Rows from several stores (``store_ids[k]``, ``rows[k]``), in the order given.
+
+        Every store's runs are decoded straight into one buffer and the requested rows are
+        gathered from it once: one decode and one copy per value."""
         store_ids = np.asarray(store_ids)
         rows = np.asarray(rows, np.int64)
-        uniq = np.unique(store_ids)
-        if uniq.size == 1:
-            return self.read(int(uniq[0]), rows)
-        order = np.argsort(store_ids, kind="stable")
-        parts = [self.read(int(s), rows[order[store_ids[order] == s]]) for s in uniq]
-        blk = CSRBlock.concat(parts)
-        back = np.empty_like(order)
-        back[order] = np.arange(order.size)
-        return take_rows(blk, back)
+        uniq_st = np.unique(store_ids)
+        if uniq_st.size == 1:
+            return self.read(int(uniq_st[0]), rows)
+        stores = {int(s): self.store(int(s)) for s in uniq_st}
+        starts = np.empty(rows.size, np.int64)
+        lens = np.empty(rows.size, np.int64)
+        plans, base = [], 0
+        for s, st in stores.items():
+            m = np.flatnonzero(store_ids == s)
+            r = rows[m]
+            if r.size and (r.min() < 0 or r.max() >= st.n_rows):
+                raise IndexError(f"rows outside [0, {st.n_rows}) requested from {st.path}")
+            uniq, inv = np.unique(r, return_inverse=True)
+            runs, offs, total = st.plan(uniq)
+            starts[m] = base + offs[inv]
+            lens[m] = (st.indptr[uniq + 1] - st.indptr[uniq])[inv]
+            plans.append((st, runs, base, total))
+            base += total
+        ddt = np.result_type(*[st.data_dtype for st in stores.values()])
+        idt = np.result_type(*[st._indices.dtype for st in stores.values()])
+        data, idx = np.empty(base, ddt), np.empty(base, idt)
+        for st, runs, b, total in plans:
+            st.read_into(runs, data[b:b + total], idx[b:b + total])
+        totals = np.empty(rows.size, np.int64)
+        for s, st in stores.items():
+            m = store_ids == s
+            totals[m] = st.totals[rows[m]]
+        return _spans_to_block(data, idx, starts, lens, totals, self.n_vocab)
 
     def normalize(self, block: CSRBlock) -> CSRBlock:
         """Raw counts -> float32 ``normalize_total(target_sum)`` (+ ``log1p``), in scanpy's

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -52,13 +51,16 @@ PACKED = "packed"
 
 
 def _pack(d: dict[str, Any]):
-    import pyarrow as pa
+    """One packed batch as a one-row pandas block. The read and the transform run fused in one
+    task, so the dict passes by reference (no serialisation); if a block ever crosses
+    processes, Ray pickles it with out-of-band numpy buffers."""
+    import pandas as pd
 
-    return pa.table({PACKED: pa.array([pickle.dumps(d, protocol=5)], type=pa.large_binary())})
+    return pd.DataFrame({PACKED: [d]})
 
 
 def _unpack(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    return [pickle.loads(x) for x in batch[PACKED]]
+    return list(batch[PACKED])
 
 
 def _csr_parts(b: CSRBlock) -> dict[str, np.ndarray]:
@@ -107,9 +109,10 @@ def _make_datasource_class():
             units = [u for u in self._units_for_epoch(epoch)
                      if not all(b in skip for b in range(u.first_batch,
                                                          u.first_batch + u.n_batches))]
-            if not units:
-                return []
-            n_tasks = max(1, min(int(parallelism or 1), len(units)))
+            # exactly `parallelism` tasks (empty ones when units are fewer, e.g. after a
+            # resume): fewer tasks make Ray split every output block and stop fusing the read
+            # with the transform
+            n_tasks = max(1, int(parallelism or 1))
             tasks = []
             for chunk in np.array_split(np.arange(len(units)), n_tasks):
                 us = [units[i] for i in chunk]
@@ -145,6 +148,11 @@ def _dataset(read_units, units_for_epoch, bytes_per_batch, position, transform, 
     ds = ds.map_batches(transform, batch_size=None, batch_format="numpy", zero_copy_batch=True)
     # deterministic dealing of blocks to the workers of streaming_split (see module doc)
     ds.context.execution_options.preserve_order = True
+    # exactly one block per batch: Ray emits a block once its buffer exceeds the target and
+    # slices it only beyond 1.5x the target, so 0.8x a batch gives one batch per block. The
+    # default (128 MB) would split a dense ST batch (2 x 16 x 128 x 18,080 float32 = 296 MB) or
+    # merge small SE batches, and either costs the consumer a copy per batch
+    ds.context.target_max_block_size = max(1, int(0.8 * bytes_per_batch))
     return ds
 
 
@@ -240,12 +248,13 @@ def cell_stream(corpus_dir: str | os.PathLike, cfg: CellStreamConfig | None = No
     if world_size < 1:
         raise ValueError(f"world_size={world_size} must be >= 1")
     reader = CorpusReader(corpus_dir, genes=cfg.genes if isinstance(cfg.genes, str)
-                          else list(cfg.genes), target_sum=cfg.target_sum, log1p=cfg.log1p)
+                          else list(cfg.genes), target_sum=cfg.target_sum, log1p=cfg.log1p,
+                          decode_threads=cfg.decode_threads)
     genes = list(reader.genes)
     labels, _ = corpus_labels(reader)
     plan = CellPlan(reader.n_cells, cfg)
     units0 = plan.epoch_units(split, position.epoch, world_size)
-    n_batches = sum(u.n_batches for u in units0)
+    n_batches = plan.batches_per_epoch(split, world_size)
     if n_batches == 0:
         raise ValueError(f"the {split} cells ({plan.n_cells(split)}) do not fill one batch of "
                          f"{cfg.batch_size} per worker x {world_size} workers")
@@ -314,7 +323,7 @@ def set_plan(corpus_dir: str | os.PathLike, cfg: SetStreamConfig,
     """The set plan of a corpus under a split file (None = every group is training)."""
     reader = reader or CorpusReader(corpus_dir, genes=cfg.genes if isinstance(cfg.genes, str)
                                     else list(cfg.genes), target_sum=cfg.target_sum,
-                                    log1p=cfg.log1p)
+                                    log1p=cfg.log1p, decode_threads=cfg.decode_threads)
     labels, groups = corpus_labels(reader)
     if split is None:
         roles = np.full(len(groups), TRAIN, dtype=object)
