@@ -23,11 +23,12 @@ every set is full); sets are shuffled, grouped into units, and batches are ``bat
 consecutive sets. A set's cells are ``block_rows``-row runs of its group in a seeded block order
 (block sampling, so that a set reads a few runs instead of S scattered rows; ``block_rows=1`` draws
 cells uniformly, as cell-load). With ``control_sets`` (STATE's ``should_yield_control_cells``,
-on by default)
-the control cells of every context also form training sets, their controls matched the same way.
-Controls are drawn from a per-unit *control reservoir*: random blocks of
-``block_rows`` consecutive control rows of the matching pool, about as many cells as the
-unit needs; each set draws its controls uniformly from it. A per-cell uniform draw from the
+on by default) the control cells of every context also form training sets, their controls
+matched the same way. Controls are drawn from a per-unit *control reservoir*: random blocks of
+``block_rows`` consecutive control rows of the matching pool, 1/``control_reuse`` as many cells
+as the unit draws; each set draws its controls uniformly from it. Control cells are reused
+anyway (the VCC data have ~7 perturbed cells per control cell); the reservoir only makes a
+control read serve several draws of the same unit. A per-cell uniform draw from the
 whole pool (``block_rows=1``) decodes a whole inner chunk for every control cell; the
 reservoir reads whole chunks and uses what it reads (benchmarks/RESULTS.md).
 """
@@ -184,14 +185,15 @@ class CellPlan:
 
 def read_cell_unit(reader: CorpusReader, cfg: CellStreamConfig, split: str, epoch: int,
                    unit: Unit) -> tuple[CSRBlock, np.ndarray, np.ndarray, np.ndarray]:
-    """(raw-count rows in batch order, store id, row, batch id) of a unit's batches."""
+    """(normalised rows in batch order, store id, row, batch id) of a unit's batches."""
     store, start, stop = unit.payload
     st = np.repeat(store, stop - start)
     rows = np.concatenate([np.arange(a, b) for a, b in zip(start, stop)])
     e = epoch if split == TRAIN else 0
     perm = rng_for(cfg.seed, e, _P_UNIT, unit.index).permutation(rows.size)
     take = perm[: unit.n_batches * cfg.batch_size]
-    block = reader.read_many(st[take], rows[take])  # each store read once, sorted runs
+    # each store read once in sorted runs; values normalised on the way
+    block = reader.read_many(st[take], rows[take], normalize=True)
     batch_ids = unit.first_batch + np.arange(take.size) // cfg.batch_size
     return block, st[take], rows[take], batch_ids
 
@@ -400,7 +402,7 @@ class SetPlan:
 
     def read_unit(self, reader: CorpusReader, split: str, epoch: int,
                   unit: Unit) -> dict[str, Any]:
-        """Raw-count perturbed and control rows of a unit's sets, plus their labels."""
+        """Normalised perturbed and control rows of a unit's sets, plus their labels."""
         cfg = self.cfg
         S = cfg.set_size
         e = epoch if split == TRAIN else 0
@@ -412,7 +414,7 @@ class SetPlan:
             sl = slice(j * S, (j + 1) * S)
             p_store[sl], p_row[sl] = self._set_cells(e, int(g), int(k))
         ctx = self.table["context"].to_numpy()[gids]
-        pert_block = reader.read_many(p_store, p_row)
+        pert_block = reader.read_many(p_store, p_row, normalize=True)
         p_batch = self._cell_batches(reader, p_store, p_row)
         # controls: per cell, the pool of its context (random) or of its context and batch
         cell_ctx = np.repeat(ctx, S).astype(np.int64)
@@ -442,7 +444,7 @@ class SetPlan:
                 m = int(b - a)
                 picks[a:b] = draw.choice(res.size, m, replace=m > res.size)
             c_store[where], c_row[where] = pool.locate(res[picks])
-        ctrl_block = reader.read_many(c_store, c_row)
+        ctrl_block = reader.read_many(c_store, c_row, normalize=True)
         c_batch = self._cell_batches(reader, c_store, c_row)
         t = self.table
         return {

@@ -99,6 +99,7 @@ class CSRBlock:
     indptr: np.ndarray  # int64, len n_rows + 1
     totals: np.ndarray  # int64 per row
     n_cols: int
+    normalized: bool = False  # data already float32 normalize_total (+ log1p) values
 
     @property
     def n_rows(self) -> int:
@@ -151,6 +152,22 @@ def _gather_spans(src_data, src_idx, starts, lens, out_ptr, out_data, out_idx): 
         a = starts[r]
         for j in range(lens[r]):
             out_data[k] = src_data[a + j]
+            out_idx[k] = src_idx[a + j]
+            k += 1
+        out_ptr[r + 1] = k
+
+
+@nb.njit(nogil=True, cache=True)
+def _gather_spans_scaled(src_data, src_idx, starts, lens, scale, out_ptr, out_data,
+                         out_idx):  # pragma: no cover
+    """``_gather_spans`` that writes float32(count) / scale[row] (normalize_total) on the way."""
+    k = 0
+    out_ptr[0] = 0
+    for r in range(starts.shape[0]):
+        a = starts[r]
+        s = scale[r]
+        for j in range(lens[r]):
+            out_data[k] = np.float32(src_data[a + j]) / s
             out_idx[k] = src_idx[a + j]
             k += 1
         out_ptr[r + 1] = k
@@ -293,12 +310,18 @@ class StoreReader:
         return _spans_to_block(data, idx, offs[inv], lens, self.totals[rows], n_cols)
 
 
-def _spans_to_block(data, idx, starts, lens, totals, n_cols) -> CSRBlock:
+def _spans_to_block(data, idx, starts, lens, totals, n_cols, scale=None) -> CSRBlock:
+    """Gather spans into a CSRBlock; with ``scale``, as float32 ``count / scale[row]``."""
     out_ptr = np.zeros(starts.size + 1, np.int64)
-    out_data = np.empty(int(lens.sum()), data.dtype)
-    out_idx = np.empty(out_data.size, idx.dtype)
-    _gather_spans(data, idx, starts.astype(np.int64), lens.astype(np.int64), out_ptr, out_data,
-                  out_idx)
+    n = int(lens.sum())
+    out_idx = np.empty(n, idx.dtype)
+    starts, lens = starts.astype(np.int64), lens.astype(np.int64)
+    if scale is None:
+        out_data = np.empty(n, data.dtype)
+        _gather_spans(data, idx, starts, lens, out_ptr, out_data, out_idx)
+    else:
+        out_data = np.empty(n, np.float32)
+        _gather_spans_scaled(data, idx, starts, lens, scale, out_ptr, out_data, out_idx)
     return CSRBlock(out_data, out_idx, out_ptr, totals, n_cols)
 
 
@@ -437,23 +460,24 @@ class CorpusReader:
         return pd.DataFrame({k: g[k][:] for k in (K.CONTEXT_KEY, K.PERT_KEY, K.BATCH_KEY,
                                                   "start", "stop")})
 
-    def read(self, store: int, rows: np.ndarray) -> CSRBlock:
-        """Raw-count rows of one store in the order given."""
-        return self.store(store).read_rows(rows, self.n_vocab)
+    def read(self, store: int, rows: np.ndarray, normalize: bool = False) -> CSRBlock:
+        """Rows of one store in the order given (raw counts, or normalised: see read_many)."""
+        rows = np.asarray(rows, np.int64)
+        return self.read_many(np.full(rows.size, store, np.int32), rows, normalize)
 
-    def read_many(self, store_ids: np.ndarray, rows: np.ndarray) -> CSRBlock:
+    def read_many(self, store_ids: np.ndarray, rows: np.ndarray,
+                  normalize: bool = False) -> CSRBlock:
         """Rows from several stores (``store_ids[k]``, ``rows[k]``), in the order given.
 
         Every store's runs are decoded straight into one buffer and the requested rows are
-        gathered from it once: one decode and one copy per value."""
+        gathered from it once: one decode and one copy per value. ``normalize=True`` returns
+        the normalised values (:meth:`normalize`), computed during that copy."""
         store_ids = np.asarray(store_ids)
         rows = np.asarray(rows, np.int64)
-        uniq_st = np.unique(store_ids)
-        if uniq_st.size == 1:
-            return self.read(int(uniq_st[0]), rows)
-        stores = {int(s): self.store(int(s)) for s in uniq_st}
+        stores = {int(s): self.store(int(s)) for s in np.unique(store_ids)}
         starts = np.empty(rows.size, np.int64)
         lens = np.empty(rows.size, np.int64)
+        totals = np.empty(rows.size, np.int64)
         plans, base = [], 0
         for s, st in stores.items():
             m = np.flatnonzero(store_ids == s)
@@ -464,32 +488,47 @@ class CorpusReader:
             runs, offs, total = st.plan(uniq)
             starts[m] = base + offs[inv]
             lens[m] = (st.indptr[uniq + 1] - st.indptr[uniq])[inv]
+            totals[m] = st.totals[r]
             plans.append((st, runs, base, total))
             base += total
-        ddt = np.result_type(*[st.data_dtype for st in stores.values()])
-        idt = np.result_type(*[st._indices.dtype for st in stores.values()])
+        if stores:
+            ddt = np.result_type(*[st.data_dtype for st in stores.values()])
+            idt = np.result_type(*[st._indices.dtype for st in stores.values()])
+        else:
+            ddt, idt = np.dtype(np.uint32), np.dtype(np.uint32)
         data, idx = np.empty(base, ddt), np.empty(base, idt)
         for st, runs, b, total in plans:
             st.read_into(runs, data[b:b + total], idx[b:b + total])
-        totals = np.empty(rows.size, np.int64)
-        for s, st in stores.items():
-            m = store_ids == s
-            totals[m] = st.totals[rows[m]]
-        return _spans_to_block(data, idx, starts, lens, totals, self.n_vocab)
+        if not (normalize and self.normalize_counts):
+            blk = _spans_to_block(data, idx, starts, lens, totals, self.n_vocab)
+            return self.normalize(blk) if normalize else blk
+        blk = _spans_to_block(data, idx, starts, lens, totals, self.n_vocab,
+                              scale=self._scale(totals))
+        if self.log1p:
+            np.log1p(blk.data, out=blk.data)  # numpy's log1p, as scanpy: bit-identical values
+        blk.normalized = True
+        return blk
+
+    def _scale(self, totals: np.ndarray) -> np.ndarray:
+        """scanpy's per-cell divisor in float32: total / target, zeros replaced by 1."""
+        scale = totals.astype(np.float32) / np.float32(self.target_sum)
+        scale[scale == 0] = 1
+        return scale
 
     def normalize(self, block: CSRBlock) -> CSRBlock:
         """Raw counts -> float32 ``normalize_total(target_sum)`` (+ ``log1p``), in scanpy's
-        float32 arithmetic (``x / (total / target)``, zero totals left as is)."""
+        float32 arithmetic (``x / (total / target)``, zero totals left as is). A block that is
+        already normalised is returned as is."""
+        if block.normalized:
+            return block
         vals = np.empty(block.data.size, np.float32)
         if not self.normalize_counts:
             vals[:] = block.data
         else:
-            scale = block.totals.astype(np.float32) / np.float32(self.target_sum)
-            scale[scale == 0] = 1
-            _scale_rows(block.indptr, block.data, scale, vals)
+            _scale_rows(block.indptr, block.data, self._scale(block.totals), vals)
             if self.log1p:
                 np.log1p(vals, out=vals)  # numpy's log1p, as scanpy: bit-identical values
-        return CSRBlock(vals, block.indices, block.indptr, block.totals, block.n_cols)
+        return CSRBlock(vals, block.indices, block.indptr, block.totals, block.n_cols, True)
 
     def dense(self, block: CSRBlock, out: np.ndarray | None = None) -> np.ndarray:
         """Normalised block -> dense float32 over the selected genes."""

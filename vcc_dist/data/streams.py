@@ -63,12 +63,28 @@ def _unpack(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     return list(batch[PACKED])
 
 
-def _csr_parts(b: CSRBlock) -> dict[str, np.ndarray]:
-    return {"data": b.data, "indices": b.indices, "indptr": b.indptr, "totals": b.totals}
+def _csr_parts(b: CSRBlock) -> dict[str, Any]:
+    return {"data": b.data, "indices": b.indices, "indptr": b.indptr, "totals": b.totals,
+            "normalized": b.normalized}
 
 
-def _csr_from(d: dict[str, np.ndarray], n_cols: int) -> CSRBlock:
-    return CSRBlock(d["data"], d["indices"], d["indptr"], d["totals"], n_cols)
+def _csr_from(d: dict[str, Any], n_cols: int) -> CSRBlock:
+    return CSRBlock(d["data"], d["indices"], d["indptr"], d["totals"], n_cols,
+                    bool(d.get("normalized", False)))
+
+
+class _PackedTransform:
+    """Shared part of the transforms: a generator yielding one output batch per packed batch.
+
+    Ray may hand several packed batches to one call (it merges small read outputs); yielding
+    them one by one keeps one training batch per output block (the block size target is 0.8x
+    a batch), so a consumer never re-assembles a batch from pieces."""
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        for d in _unpack(batch):
+            out = self.allocate(self.n_rows(d))
+            self.fill(d, out)
+            yield out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,30 +210,36 @@ def _slice_rows(b: CSRBlock, sl: slice) -> CSRBlock:
     a, z = sl.start, min(sl.stop, b.n_rows)
     ea, ez = int(b.indptr[a]), int(b.indptr[z])
     return CSRBlock(b.data[ea:ez], b.indices[ea:ez], b.indptr[a:z + 1] - ea, b.totals[a:z],
-                    b.n_cols)
+                    b.n_cols, b.normalized)
 
 
-class DenseCells:
-    """map_batches transform: packed raw counts -> one row per cell with ``X`` [G] float32
-    (normalize_total + log1p over the selected genes) and its labels. Replace it (``transform=``)
-    to tokenise for SE instead; it receives the same packed batches."""
+class DenseCells(_PackedTransform):
+    """map_batches transform: packed batches of normalised cells -> one row per cell with ``X``
+    [G] float32 over the selected genes, and its labels. Replace it (``transform=``) to tokenise
+    for SE instead; it receives the same packed batches."""
+
+    KEYS = ("store", "row", "context_index", "pert_index", "batch_index")
 
     def __init__(self, reader: CorpusReader):
         self.reader = reader
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = [self.one(d) for d in _unpack(batch)]
-        if len(outs) == 1:
-            return outs[0]
-        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    def n_rows(self, d: dict[str, Any]) -> int:
+        return int(d["row"].size)
 
-    def one(self, d: dict[str, Any]) -> dict[str, np.ndarray]:
-        blk = self.reader.normalize(_csr_from(d["cells"], self.reader.n_vocab))
-        n = blk.n_rows
-        return {"X": self.reader.dense(blk), "store": d["store"], "row": d["row"],
-                "context_index": d["context_index"], "pert_index": d["pert_index"],
-                "batch_index": d["batch_index"],
-                "step": np.full(n, d["step"], np.int64), "epoch": np.full(n, d["epoch"], np.int32)}
+    def allocate(self, n: int) -> dict[str, np.ndarray]:
+        out = {"X": np.zeros((n, self.reader.n_genes), np.float32),
+               "store": np.empty(n, np.int32), "row": np.empty(n, np.int64)}
+        out.update({k: np.empty(n, np.int32) for k in self.KEYS[2:]})
+        out.update(step=np.empty(n, np.int64), epoch=np.empty(n, np.int32))
+        return out
+
+    def fill(self, d: dict[str, Any], out: dict[str, np.ndarray]) -> None:
+        r = self.reader
+        r.dense(r.normalize(_csr_from(d["cells"], r.n_vocab)), out=out["X"])
+        for k in self.KEYS:
+            out[k][:] = d[k]
+        out["step"][:] = d["step"]
+        out["epoch"][:] = d["epoch"]
 
 
 @dataclass
@@ -260,7 +282,8 @@ def cell_stream(corpus_dir: str | os.PathLike, cfg: CellStreamConfig | None = No
                          f"{cfg.batch_size} per worker x {world_size} workers")
     read = functools.partial(_read_cell_units, reader, cfg, split, labels.store_maps)
     units_for = functools.partial(plan.epoch_units, split, world_size=world_size)
-    ds = _dataset(read, units_for, cfg.batch_size * reader.n_genes * 4, position,
+    # bytes of one output batch: dense X plus ~40 bytes of labels per cell
+    ds = _dataset(read, units_for, cfg.batch_size * (reader.n_genes * 4 + 40), position,
                   transform or DenseCells(reader), len(units0))
     return Stream(ds, genes, labels, n_batches, cfg.batch_size, world_size, cfg, reader)
 
@@ -288,33 +311,40 @@ def _read_set_units(reader: CorpusReader, plan: SetPlan, split: str, epoch: int,
             yield _pack(out)
 
 
-class DenseSets:
-    """map_batches transform: packed sets -> one row per set with ``ctrl`` and ``pert``
-    [S, G] float32 (normalize_total + log1p) and per-set indices."""
+class DenseSets(_PackedTransform):
+    """map_batches transform: packed batches of sets -> one row per set with ``ctrl`` and
+    ``pert`` [S, G] float32 (normalised) and per-set indices."""
+
+    KEYS = {"pert_index": np.int32, "context_index": np.int32, "batch_index": np.int32,
+            "set_id": np.int64, "is_padding": bool, "step": np.int64}
+    CELL_KEYS = {"pert_cell_batch": np.int32, "ctrl_cell_batch": np.int32,
+                 "pert_store": np.int32, "pert_row": np.int64, "ctrl_store": np.int32,
+                 "ctrl_row": np.int64}
 
     def __init__(self, reader: CorpusReader, set_size: int):
         self.reader = reader
         self.S = set_size
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = [self.one(d) for d in _unpack(batch)]
-        if len(outs) == 1:
-            return outs[0]
-        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    def n_rows(self, d: dict[str, Any]) -> int:
+        return int(d["set_id"].size)
 
-    def one(self, d: dict[str, Any]) -> dict[str, np.ndarray]:
+    def allocate(self, n: int) -> dict[str, np.ndarray]:
+        S, G = self.S, self.reader.n_genes
+        out = {"ctrl": np.zeros((n, S, G), np.float32), "pert": np.zeros((n, S, G), np.float32)}
+        out.update({k: np.empty(n, t) for k, t in self.KEYS.items()})
+        out.update({k: np.empty((n, S), t) for k, t in self.CELL_KEYS.items()})
+        out["epoch"] = np.empty(n, np.int32)
+        return out
+
+    def fill(self, d: dict[str, Any], out: dict[str, np.ndarray]) -> None:
         r, S = self.reader, self.S
-        n = d["set_id"].size
-        out = {}
+        n = out["ctrl"].shape[0]
         for name in ("ctrl", "pert"):
             blk = r.normalize(_csr_from(d[f"{name}_cells"], r.n_vocab))
-            out[name] = r.dense(blk).reshape(n, S, r.n_genes)
-        for k in ("pert_index", "context_index", "batch_index", "pert_cell_batch",
-                  "ctrl_cell_batch", "set_id", "is_padding", "step", "pert_store", "pert_row",
-                  "ctrl_store", "ctrl_row"):
-            out[k] = d[k]
-        out["epoch"] = np.full(n, d["epoch"], np.int32)
-        return out
+            r.dense(blk, out=out[name].reshape(n * S, r.n_genes))
+        for k in list(self.KEYS) + list(self.CELL_KEYS):
+            out[k][:] = d[k]
+        out["epoch"][:] = d["epoch"]
 
 
 def set_plan(corpus_dir: str | os.PathLike, cfg: SetStreamConfig,
@@ -351,7 +381,8 @@ def set_stream(corpus_dir: str | os.PathLike, cfg: SetStreamConfig | None = None
     n_batches = sum(u.n_batches for u in units0)
     read = functools.partial(_read_set_units, reader, plan, role)
     units_for = functools.partial(plan.epoch_units, role, world_size=world_size)
-    per_batch = 2 * cfg.batch_size * cfg.set_size * reader.n_genes * 4
+    # bytes of one output batch: two dense [S, G] per set plus ~40 bytes of labels per cell
+    per_batch = cfg.batch_size * cfg.set_size * (2 * reader.n_genes * 4 + 40)
     ds = _dataset(read, units_for, per_batch, position,
                   transform or DenseSets(reader, cfg.set_size), len(units0))
     return Stream(ds, list(reader.genes), plan.labels, n_batches, cfg.batch_size, world_size,
