@@ -227,7 +227,7 @@ class DenseCells(_PackedTransform):
         return int(d["row"].size)
 
     def allocate(self, n: int) -> dict[str, np.ndarray]:
-        out = {"X": np.zeros((n, self.reader.n_genes), np.float32),
+        out = {"X": np.empty((n, self.reader.n_genes), np.float32),  # densify zeroes rows
                "store": np.empty(n, np.int32), "row": np.empty(n, np.int64)}
         out.update({k: np.empty(n, np.int32) for k in self.KEYS[2:]})
         out.update(step=np.empty(n, np.int64), epoch=np.empty(n, np.int32))
@@ -330,7 +330,8 @@ class DenseSets(_PackedTransform):
 
     def allocate(self, n: int) -> dict[str, np.ndarray]:
         S, G = self.S, self.reader.n_genes
-        out = {"ctrl": np.zeros((n, S, G), np.float32), "pert": np.zeros((n, S, G), np.float32)}
+        # densify zeroes every row it writes
+        out = {"ctrl": np.empty((n, S, G), np.float32), "pert": np.empty((n, S, G), np.float32)}
         out.update({k: np.empty(n, t) for k, t in self.KEYS.items()})
         out.update({k: np.empty((n, S), t) for k, t in self.CELL_KEYS.items()})
         out["epoch"] = np.empty(n, np.int32)
