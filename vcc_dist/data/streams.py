@@ -3,20 +3,21 @@
     stream = cell_stream("corpus/", CellStreamConfig(batch_size=256), world_size=2)
     trainer = TorchTrainer(loop, datasets={"train": stream.dataset}, ...)
     # in each worker:
-    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=None):
+    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=256):
         x = batch["X"]                      # [256, G] float32 log1p(normalize_total)
 
     stream = set_stream("corpus/", SetStreamConfig(set_size=128, batch_size=16),
                         split="split.toml", world_size=2)
-    for batch in shard.iter_torch_batches(batch_size=None):
+    for batch in shard.iter_torch_batches(batch_size=16):   # always stream.batch_size
         batch["ctrl"], batch["pert"]         # [16, 128, G] each
         batch["pert_index"], batch["batch_index"], batch["context_index"]   # [16]
 
 How it runs: a custom :class:`ray.data.Datasource` turns the epoch's plan (vcc_dist.data.plans)
-into read tasks, each reading whole plan units and emitting one Arrow row per batch that
-packs the batch's raw-count CSR rows and labels; ``map_batches`` (fused into the same task)
-normalises and densifies them into one row per cell (SE) or per set (ST). Tensors never exist
-in the training process before they are needed, and a batch is dense only after the read.
+into read tasks, each reading whole plan units and emitting one packed row per batch (the
+batch's normalised CSR rows and labels, passed by reference: a one-row pandas block);
+``map_batches`` (fused into the same task) densifies them into one row per cell (SE) or per set
+(ST), one Ray block per batch. Replace that transform (``transform=``) to emit other tensors
+(e.g. SE tokens) from the same packed batches.
 
 Epochs: Ray Data executes a dataset again for every epoch (``iter_*_batches`` on the shard); the
 datasource counts its executions, so execution k plays epoch ``position.epoch + k``. Ray Train
@@ -35,7 +36,6 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -92,14 +92,9 @@ class _PackedTransform:
 # ---------------------------------------------------------------------------------------------
 
 
-class PlanDatasource:
-    """Shared part of both streams; subclasses say how a unit becomes packed batches.
-
-    (Built lazily as a ray.data.Datasource subclass so that importing vcc_dist.data does not
-    import Ray.)"""
-
-
 def _make_datasource_class():
+    """The Datasource subclass, built on first use so that importing vcc_dist.data does not
+    import Ray."""
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
 
@@ -389,6 +384,3 @@ def set_stream(corpus_dir: str | os.PathLike, cfg: SetStreamConfig | None = None
     return Stream(ds, list(reader.genes), plan.labels, n_batches, cfg.batch_size, world_size,
                   cfg, reader)
 
-
-def corpus_dir_of(path: str | os.PathLike) -> Path:
-    return Path(path)
