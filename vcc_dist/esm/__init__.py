@@ -1,0 +1,1 @@
+"""ESM2 gene embeddings: isoform input (fasta), the ESM2 model (model), distributed embedding (embed)."""
