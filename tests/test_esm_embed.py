@@ -70,6 +70,11 @@ def test_job_equals_plain_fair_esm_loop_and_resumes(ray_local, tiny_corpus, tiny
     assert list(z["genes"]) == genes and z["embeddings"].shape == (len(genes), 32)
     isos, _ = read_isoforms(sim.fasta_path)
     assert int(z["n_isoforms"].sum()) == len(isos) == r.n_isoforms
+    # the file is STATE's pert-features format: the ridge baseline's loader reads it as is
+    from vcc_dist.infer.baselines import load_pert_features
+
+    feats = load_pert_features(out / "gene_embeddings.pt")
+    assert set(feats) == set(genes) and next(iter(feats.values())).shape == (32,)
     man = json.loads((out / "manifest.json").read_text())
     assert man["embed_dim"] == 32 and man["layer"] == 2 and man["model"]["num_layers"] == 2
     cov = json.loads((out / "coverage.json").read_text())
