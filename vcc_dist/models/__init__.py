@@ -1,0 +1,1 @@
+"""Model architectures (pure torch): no ray, deepspeed or wandb here."""

@@ -1,0 +1,126 @@
+"""Perturbation features for ST: one-hot, or vectors from a ``{gene: vector}`` ``.pt`` file.
+
+The file format is STATE's (e.g. ``ESM2_pert_features.pt``): a dict mapping a gene symbol to a
+1-D tensor, read with ``torch.load(weights_only=True)``. Unlike STATE, which silently gives a zero
+vector to any perturbation missing from the file, a missing perturbation is an error here. The one
+exception is the control label (``CONTROL_LABEL``, "non-targeting"): when the file has no entry
+for it, it gets the zero vector, which is what STATE does for the control.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from vcc_dist.constants import CONTROL_LABEL
+
+_MISSING_EXAMPLES = 10
+
+
+def _check_names(perturbations: list[str]) -> list[str]:
+    names = list(perturbations)
+    if not names:
+        raise ValueError("perturbations is empty; pass at least one perturbation name")
+    seen: set[str] = set()
+    dupes = sorted({n for n in names if n in seen or seen.add(n)})
+    if dupes:
+        raise ValueError(f"perturbations contains duplicates: {dupes[:_MISSING_EXAMPLES]}")
+    return names
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class PerturbationFeatures:
+    """A [P, D] float32 feature matrix, one row per perturbation in the given order."""
+
+    def __init__(
+        self,
+        matrix: Tensor,
+        names: list[str],
+        *,
+        kind: str,
+        source: str | None = None,
+        sha256: str | None = None,
+    ) -> None:
+        names = _check_names(names)
+        if matrix.dim() != 2 or matrix.shape[0] != len(names):
+            raise ValueError(
+                f"matrix must be [P, D] with P = {len(names)} perturbations; got {tuple(matrix.shape)}"
+            )
+        self.matrix = matrix.to(torch.float32)
+        self.names = names
+        self.kind = kind
+        self.source = source
+        self.sha256 = sha256
+        self._index = {n: i for i, n in enumerate(names)}
+
+    @classmethod
+    def one_hot(cls, perturbations: list[str]) -> PerturbationFeatures:
+        """Identity features: perturbation i is the unit vector e_i (D = P)."""
+        names = _check_names(perturbations)
+        return cls(torch.eye(len(names), dtype=torch.float32), names, kind="one_hot")
+
+    @classmethod
+    def from_file(cls, path: str | Path, perturbations: list[str]) -> PerturbationFeatures:
+        """Rows from a ``{gene: vector}`` ``.pt`` file, in the order of ``perturbations``."""
+        path = Path(path)
+        names = _check_names(perturbations)
+        if not path.is_file():
+            raise FileNotFoundError(f"perturbation feature file not found: {path}")
+        table = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(table, dict) or not table:
+            raise ValueError(
+                f"{path}: expected a non-empty dict {{gene: 1-D tensor}}; got {type(table).__name__}"
+            )
+        dims = {tuple(torch.as_tensor(v).shape) for v in table.values()}
+        if len(dims) != 1 or len(next(iter(dims))) != 1:
+            raise ValueError(f"{path}: every vector must be 1-D of one length; found shapes {sorted(dims)}")
+        (dim,) = next(iter(dims))
+
+        missing = [n for n in names if n not in table and n != CONTROL_LABEL]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} of {len(names)} perturbations have no vector in {path} "
+                f"(first {min(len(missing), _MISSING_EXAMPLES)}: {missing[:_MISSING_EXAMPLES]}); "
+                "add them to the file or drop them from the perturbation list"
+            )
+        rows = [
+            torch.as_tensor(table[n], dtype=torch.float32) if n in table else torch.zeros(dim)
+            for n in names
+        ]
+        return cls(torch.stack(rows), names, kind="file", source=str(path), sha256=_sha256(path))
+
+    @property
+    def dim(self) -> int:
+        return int(self.matrix.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def index(self, name: str) -> int:
+        """Row of ``name`` in ``matrix``."""
+        try:
+            return self._index[name]
+        except KeyError:
+            raise KeyError(
+                f"perturbation {name!r} is not among the {len(self.names)} featurised perturbations"
+            ) from None
+
+    def to_manifest(self) -> dict:
+        """What a run records to reproduce these features."""
+        return {
+            "kind": self.kind,
+            "source": self.source,
+            "sha256": self.sha256,
+            "dim": self.dim,
+            "n": len(self.names),
+        }
