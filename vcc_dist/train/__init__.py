@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed engine wrapper and, later, the ST/SE training loops."""
