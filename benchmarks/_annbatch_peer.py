@@ -55,6 +55,10 @@ import time
 import warnings
 from pathlib import Path
 
+# runs in its own venv (Python 3.12): _common needs only the standard library here
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import du  # noqa: E402
+
 T_START = time.perf_counter()
 
 COLLECTION_NAME = "collection.zarr"
@@ -87,15 +91,6 @@ def _size_arg(v: str) -> int | str:
 def _collection_path(d: str | os.PathLike) -> Path:
     p = Path(d)
     return p if p.suffix == ".zarr" else p / COLLECTION_NAME
-
-
-def _du(path: Path) -> tuple[int, int]:
-    size = files = 0
-    for root, _, fs in os.walk(path):
-        for f in fs:
-            size += os.path.getsize(os.path.join(root, f))
-            files += 1
-    return size, files
 
 
 def _versions() -> dict:
@@ -137,7 +132,7 @@ def cmd_build(args) -> dict:
         **({"dataset_size": args.dataset_size} if args.dataset_size else {}),
     )
     secs, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
-    size, files = _du(out)
+    size, files = du(out)
     layout = _describe(out)
     return {
         "tool": "annbatch", "mode": "build", "h5ad": str(args.h5ad), "store": str(out),

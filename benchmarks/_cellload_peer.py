@@ -52,13 +52,15 @@ import random
 import resource
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import psutil
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import MemSampler, tree_cpu  # noqa: E402
 
 CONTROL = "non-targeting"
 PERT_COL = "target_gene"
@@ -76,62 +78,6 @@ def _system_busy_cpu() -> float:
     return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(
         t, "guest_nice", 0.0
     )
-
-
-def _tree_cpu(proc: psutil.Process) -> float:
-    """User+system CPU seconds of this process, its reaped children and its live descendants."""
-    t = proc.cpu_times()
-    total = t.user + t.system + t.children_user + t.children_system
-    for child in proc.children(recursive=True):
-        try:
-            ct = child.cpu_times()
-            total += ct.user + ct.system
-        except psutil.Error:
-            pass
-    return total
-
-
-class _MemSampler(threading.Thread):
-    """Peak RSS and PSS summed over this process and its live descendants."""
-
-    def __init__(self, interval: float = 0.25, pss_every: int = 4):
-        super().__init__(daemon=True)
-        self.proc = psutil.Process()
-        self.interval = interval
-        self.pss_every = pss_every
-        self.peak_rss = 0
-        self.peak_pss = 0
-        self._stop_evt = threading.Event()
-
-    def sample(self, with_pss: bool) -> None:
-        procs = [self.proc]
-        try:
-            procs += self.proc.children(recursive=True)
-        except psutil.Error:
-            pass
-        rss = pss = 0
-        for p in procs:
-            try:
-                rss += p.memory_info().rss
-                if with_pss:
-                    pss += p.memory_full_info().pss
-            except psutil.Error:
-                pass
-        self.peak_rss = max(self.peak_rss, rss)
-        if with_pss:
-            self.peak_pss = max(self.peak_pss, pss)
-
-    def run(self) -> None:
-        i = 0
-        while not self._stop_evt.is_set():
-            self.sample(with_pss=(i % self.pss_every == 0))
-            i += 1
-            self._stop_evt.wait(self.interval)
-
-    def stop(self) -> None:
-        self._stop_evt.set()
-        self.join()
-        self.sample(with_pss=True)
 
 
 # --------------------------------------------------------------------------- data and TOML
@@ -268,9 +214,9 @@ def run_cellload(
         pert_features = str(cand) if cand.exists() else None
 
     proc = psutil.Process()
-    mem = _MemSampler()
+    mem = MemSampler()
     mem.start()
-    cpu_start = _tree_cpu(proc)
+    cpu_start = tree_cpu(proc)
     t_start = time.perf_counter()
 
     # STATE seeds everything (pl.seed_everything) before building the data module; cell-load's
@@ -311,12 +257,12 @@ def run_cellload(
     )
 
     t = time.perf_counter()
-    cpu = _tree_cpu(proc)
+    cpu = tree_cpu(proc)
     dm = PerturbationDataModule(**settings)
     dm.setup(stage="fit")
     dl = dm.train_dataloader()
     setup_s = time.perf_counter() - t
-    setup_cpu = _tree_cpu(proc) - cpu
+    setup_cpu = tree_cpu(proc) - cpu
     sampler = dl.batch_sampler
     sentences = sampler.sentences
     n_partial = sum(len(s) < cell_sentence_len for s in sentences)
@@ -329,7 +275,7 @@ def run_cellload(
     dtypes = None
     arrivals: list[tuple[float, float, int]] = []  # (time, tree CPU, rows) per batch
     t_iter = time.perf_counter()
-    cpu_iter = _tree_cpu(proc)
+    cpu_iter = tree_cpu(proc)
     sys_iter = _system_busy_cpu()
     deadline = t_iter + seconds
     done = False
@@ -350,7 +296,7 @@ def run_cellload(
                 dtypes = {k: str(v.dtype) for k, v in batch.items() if hasattr(v, "dtype")}
             batches += 1
             rows += n
-            arrivals.append((now, _tree_cpu(proc), n))
+            arrivals.append((now, tree_cpu(proc), n))
             del batch
             if now >= deadline or (max_batches is not None and batches >= max_batches):
                 done = True
@@ -359,7 +305,7 @@ def run_cellload(
             if batches == 0:
                 raise RuntimeError("cell-load's train DataLoader yielded no batch")
     t_end = time.perf_counter()
-    cpu_end = _tree_cpu(proc)  # workers still alive: their CPU so far, incl. in-flight batches
+    cpu_end = tree_cpu(proc)  # workers still alive: their CPU so far, incl. in-flight batches
     sys_end = _system_busy_cpu()
     n_workers_alive = len(proc.children(recursive=True))
     # Shut the persistent workers down so that the reaped CPU can be checked against the live one.
@@ -367,7 +313,7 @@ def run_cellload(
         it._shutdown_workers()
     del it, dl
     mem.stop()
-    cpu_after_shutdown = _tree_cpu(proc)
+    cpu_after_shutdown = tree_cpu(proc)
     tmp.cleanup()
 
     iter_s = t_end - t_iter

@@ -89,7 +89,7 @@ def generate(out: Path, n_perts: int, n_cells: int, n_ctrl: int, seed: int = 0) 
     block = 2048
 
     def blocks(effect, as_log1p):
-        for s in tqdm(range(0, labels.size, block), desc=f"  writing", unit="blk",
+        for s in tqdm(range(0, labels.size, block), desc="  writing", unit="blk",
                       leave=False):
             lab = labels[s:s + block]
             lib = rng.lognormal(0, 0.3, (lab.size, 1)).astype(np.float32)

@@ -39,6 +39,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import MemSampler, tree_cpu  # noqa: E402
 
 ST_S, ST_B = 128, 16  # STATE's state_sm cell_set_len and training batch size (VCC)
 SE_B = 256
@@ -49,50 +51,16 @@ SE_B = 256
 # ---------------------------------------------------------------------------------------------
 
 
-def _tree():
-    import psutil
+class PeakPSS:
+    """Peak PSS (MB) of the process tree, sampled in the background until ``stop()``."""
 
-    me = psutil.Process()
-    return [me] + me.children(recursive=True)
-
-
-def tree_cpu() -> float:
-    tot = 0.0
-    for p in _tree():
-        try:
-            t = p.cpu_times()
-            tot += t.user + t.system
-        except Exception:  # noqa: BLE001 - a process that just exited
-            pass
-    return tot
-
-
-class PeakRSS:
-    """Samples the process tree's total PSS (shared pages split) in a thread."""
-
-    def __init__(self, every: float = 0.5):
-        import threading
-
-        self.peak = 0.0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, args=(every,), daemon=True)
-        self._t.start()
-
-    def _run(self, every):
-        while not self._stop.is_set():
-            tot = 0.0
-            for p in _tree():
-                try:
-                    tot += p.memory_full_info().pss
-                except Exception:  # noqa: BLE001
-                    pass
-            self.peak = max(self.peak, tot / 2**20)
-            self._stop.wait(every)
+    def __init__(self):
+        self._m = MemSampler(interval=0.5, pss_every=1)
+        self._m.start()
 
     def stop(self) -> float:
-        self._stop.set()
-        self._t.join()
-        return round(self.peak, 1)
+        self._m.stop()
+        return round(self._m.peak_pss / 2**20, 1)
 
 
 def _ray_init(num_cpus: int = 2):
@@ -131,7 +99,7 @@ def run_sets(a) -> dict:
     from vcc_dist.data.plans import SetStreamConfig
     from vcc_dist.data.streams import set_stream
 
-    mem = PeakRSS()
+    mem = PeakPSS()
     ray_s = _ray_init()
     t = time.perf_counter()
     cfg = SetStreamConfig(set_size=ST_S, batch_size=ST_B)
@@ -147,7 +115,7 @@ def run_cells(a) -> dict:
     from vcc_dist.data.plans import CellStreamConfig
     from vcc_dist.data.streams import cell_stream
 
-    mem = PeakRSS()
+    mem = PeakPSS()
     ray_s = _ray_init()
     t = time.perf_counter()
     cfg = CellStreamConfig(batch_size=SE_B)
@@ -230,7 +198,7 @@ def run_train(a) -> dict:
     from vcc_dist.data.plans import CellStreamConfig, SetStreamConfig
     from vcc_dist.data.streams import cell_stream, set_stream
 
-    mem = PeakRSS()
+    mem = PeakPSS()
     _ray_init()
     sets = set_stream(a.corpus, SetStreamConfig(set_size=ST_S, batch_size=ST_B), split=a.split,
                       world_size=2)

@@ -72,7 +72,8 @@ def corpus_labels(reader: CorpusReader) -> tuple[CorpusLabels, pd.DataFrame]:
             labels.remove(K.CONTROL_LABEL)
             labels.insert(0, K.CONTROL_LABEL)
         names[k] = labels
-    maps = {k: [np.array([names[k].index(c) for c in cats[k]], np.int32)
+    pos = {k: {n: i for i, n in enumerate(names[k])} for k in LABEL_KEYS}
+    maps = {k: [np.array([pos[k][c] for c in cats[k]], np.int32)
                 for cats in per_store_cats] for k in LABEL_KEYS}
     groups = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     out = pd.DataFrame({

@@ -112,36 +112,6 @@ class CSRBlock:
         return sp.csr_matrix((self.data, self.indices.astype(np.int64), self.indptr),
                              shape=(self.n_rows, self.n_cols))
 
-    @staticmethod
-    def concat(blocks: Sequence[CSRBlock]) -> CSRBlock:
-        if len(blocks) == 1:
-            return blocks[0]
-        if not blocks:
-            raise ValueError("no blocks to concatenate")
-        offs = np.cumsum([0] + [int(b.indptr[-1]) for b in blocks])
-        indptr = np.concatenate([np.zeros(1, np.int64)]
-                                + [b.indptr[1:] + o for b, o in zip(blocks, offs[:-1])])
-        dt = np.result_type(*[b.data.dtype for b in blocks])
-        it = np.result_type(*[b.indices.dtype for b in blocks])
-        return CSRBlock(np.concatenate([b.data.astype(dt, copy=False) for b in blocks]),
-                        np.concatenate([b.indices.astype(it, copy=False) for b in blocks]),
-                        indptr, np.concatenate([b.totals for b in blocks]), blocks[0].n_cols)
-
-
-@nb.njit(nogil=True, cache=True)
-def _gather_rows(src_ptr, src_data, src_idx, pos, out_ptr, out_data, out_idx):  # pragma: no cover
-    """Copy rows ``pos`` (row numbers into the source CSR) into the output CSR, in order."""
-    k = 0
-    out_ptr[0] = 0
-    for r in range(pos.shape[0]):
-        a = src_ptr[pos[r]]
-        b = src_ptr[pos[r] + 1]
-        for j in range(a, b):
-            out_data[k] = src_data[j]
-            out_idx[k] = src_idx[j]
-            k += 1
-        out_ptr[r + 1] = k
-
 
 @nb.njit(nogil=True, cache=True)
 def _gather_spans(src_data, src_idx, starts, lens, out_ptr, out_data, out_idx):  # pragma: no cover
@@ -297,19 +267,6 @@ class StoreReader:
                 else:  # stores of one corpus with different dtypes
                     dst[:] = arr[ea:eb]
             pos += n
-
-    def read_rows(self, rows: np.ndarray, n_cols: int) -> CSRBlock:
-        """Rows (any order, repeats allowed) as a CSRBlock in the order given."""
-        rows = np.asarray(rows, np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
-            raise IndexError(f"rows outside [0, {self.n_rows}) requested from {self.path}")
-        uniq, inv = np.unique(rows, return_inverse=True)
-        runs, offs, total = self.plan(uniq)
-        data = np.empty(total, self.data_dtype)
-        idx = np.empty(total, self._indices.dtype)
-        self.read_into(runs, data, idx)
-        lens = (self.indptr[uniq + 1] - self.indptr[uniq])[inv]
-        return _spans_to_block(data, idx, offs[inv], lens, self.totals[rows], n_cols)
 
 
 def _spans_to_block(data, idx, starts, lens, totals, n_cols, scale=None) -> CSRBlock:
@@ -540,9 +497,8 @@ class CorpusReader:
 def take_rows(block: CSRBlock, pos: np.ndarray) -> CSRBlock:
     """Rows ``pos`` of ``block`` (any order, repeats allowed)."""
     pos = np.asarray(pos, np.int64)
-    lens = block.indptr[pos + 1] - block.indptr[pos]
-    out_ptr = np.zeros(pos.size + 1, np.int64)
-    out_data = np.empty(int(lens.sum()), block.data.dtype)
-    out_idx = np.empty(out_data.size, block.indices.dtype)
-    _gather_rows(block.indptr, block.data, block.indices, pos, out_ptr, out_data, out_idx)
-    return CSRBlock(out_data, out_idx, out_ptr, block.totals[pos], block.n_cols)
+    out = _spans_to_block(block.data, block.indices, block.indptr[pos],
+                          block.indptr[pos + 1] - block.indptr[pos], block.totals[pos],
+                          block.n_cols)
+    out.normalized = block.normalized
+    return out

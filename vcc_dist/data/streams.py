@@ -107,6 +107,7 @@ def _make_datasource_class():
             self._bytes_per_batch = bytes_per_batch
             self._position = position
             self._executions = 0
+            self._last: tuple[int, list] | None = None  # (epoch, units): Ray plans 3x an epoch
 
         def estimate_inmemory_data_size(self):
             return None
@@ -117,7 +118,9 @@ def _make_datasource_class():
             if data_context is not None:
                 self._executions += 1
             skip = self._position.skip_set() if epoch == self._position.epoch else frozenset()
-            units = [u for u in self._units_for_epoch(epoch)
+            if self._last is None or self._last[0] != epoch:
+                self._last = (epoch, self._units_for_epoch(epoch))
+            units = [u for u in self._last[1]
                      if not all(b in skip for b in range(u.first_batch,
                                                          u.first_batch + u.n_batches))]
             # exactly `parallelism` tasks (empty ones when units are fewer, e.g. after a

@@ -29,7 +29,6 @@ Outputs in ``out/``: ``gene_embeddings.pt`` ({gene: float32 tensor}, the format 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -90,19 +89,6 @@ class EmbedResult:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
-
-
-def _file_fingerprint(path: str) -> str:
-    p = Path(path)
-    h = hashlib.sha256()
-    size = p.stat().st_size
-    h.update(str(size).encode())
-    with open(p, "rb") as f:
-        h.update(f.read(1 << 20))
-        if size > 2 << 20:
-            f.seek(size - (1 << 20))
-            h.update(f.read())
-    return h.hexdigest()[:16]
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -168,8 +154,8 @@ def embed_genes(cfg: EmbedConfig) -> EmbedResult:
     from tqdm.auto import tqdm
 
     from vcc_dist.esm.fasta import read_isoforms
-    from vcc_dist.esm.model import (MAX_RESIDUES, load_esm, model_info, prepare_sequence,
-                                    resolve_layer)
+    from vcc_dist.esm.model import (MAX_RESIDUES, file_fingerprint, load_esm, model_info,
+                                    prepare_sequence, resolve_layer)
 
     t0 = time.perf_counter()
     if not Path(cfg.inputs).is_file():
@@ -195,7 +181,7 @@ def embed_genes(cfg: EmbedConfig) -> EmbedResult:
         raise EmbedError(f"layer={cfg.layer}: the model has layers 0..{n_layers} "
                          f"(-1 = last): {e}") from e
     del model
-    key = {"input": _file_fingerprint(cfg.inputs), "model": info["sha256"], "layer": layer,
+    key = {"input": file_fingerprint(cfg.inputs), "model": info["sha256"], "layer": layer,
            "long_sequences": cfg.long_sequences, "isoforms_per_part": cfg.isoforms_per_part,
            "n_isoforms": len(isoforms)}
     out = Path(cfg.out)
@@ -317,11 +303,12 @@ def load_gene_embeddings(path: str | os.PathLike, genes: list[str] | None = None
     """(genes, [G, D] float32) from ``gene_embeddings.pt`` (or any STATE-format
     ``{gene: vector}`` file); with ``genes``, rows in that order and a clear error listing
     genes that have no embedding."""
-    import torch
+    from vcc_dist.models.features import read_gene_table
 
-    d = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(d, dict) or not d:
-        raise EmbedError(f"{path} is not a {{gene: vector}} embedding file")
+    try:
+        d = read_gene_table(path)
+    except ValueError as e:
+        raise EmbedError(str(e)) from e
     names = list(d) if genes is None else list(genes)
     missing = [g for g in names if g not in d]
     if missing:

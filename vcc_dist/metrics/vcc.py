@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from scipy.spatial.distance import cdist
 
 from vcc_dist.constants import CONTROL_LABEL, PERT_KEY

@@ -39,6 +39,24 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_gene_table(path: str | Path) -> dict[str, Tensor]:
+    """A STATE-format ``{gene: 1-D tensor}`` file, checked: a non-empty dict whose vectors are
+    all 1-D of one length. The one reader of this format (ST features here, the SE gene table
+    in ``vcc_dist.esm.embed.load_gene_embeddings``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"perturbation feature file not found: {path}")
+    table = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(table, dict) or not table:
+        raise ValueError(
+            f"{path}: expected a non-empty dict {{gene: 1-D tensor}}; got {type(table).__name__}"
+        )
+    dims = {tuple(torch.as_tensor(v).shape) for v in table.values()}
+    if len(dims) != 1 or len(next(iter(dims))) != 1:
+        raise ValueError(f"{path}: every vector must be 1-D of one length; found shapes {sorted(dims)}")
+    return table
+
+
 class PerturbationFeatures:
     """A [P, D] float32 feature matrix, one row per perturbation in the given order."""
 
@@ -74,17 +92,8 @@ class PerturbationFeatures:
         """Rows from a ``{gene: vector}`` ``.pt`` file, in the order of ``perturbations``."""
         path = Path(path)
         names = _check_names(perturbations)
-        if not path.is_file():
-            raise FileNotFoundError(f"perturbation feature file not found: {path}")
-        table = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(table, dict) or not table:
-            raise ValueError(
-                f"{path}: expected a non-empty dict {{gene: 1-D tensor}}; got {type(table).__name__}"
-            )
-        dims = {tuple(torch.as_tensor(v).shape) for v in table.values()}
-        if len(dims) != 1 or len(next(iter(dims))) != 1:
-            raise ValueError(f"{path}: every vector must be 1-D of one length; found shapes {sorted(dims)}")
-        (dim,) = next(iter(dims))
+        table = read_gene_table(path)
+        (dim,) = torch.as_tensor(next(iter(table.values()))).shape
 
         missing = [n for n in names if n not in table and n != CONTROL_LABEL]
         if missing:
