@@ -184,7 +184,7 @@ def _run(a) -> int:
     stage_validate(out)
     stats = stage_statistics(out)
     base = stage_baselines(out, h5ads, out / "sim")
-    rel = lambda q: Path(q).relative_to(out)  # noqa: E731
+    rel = lambda q: Path(q).relative_to(out)
     report = out / "report.md"
     report.write_text("\n".join([
         "# vcc-dist run report", "",

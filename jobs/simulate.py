@@ -17,11 +17,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
+import argparse
+import dataclasses
+import json
 
-from vcc_dist.data.simulate import (  # noqa: E402
+from vcc_dist.data.simulate import (
     FIELD_DOCS,
     SIM_PRESETS,
     SimConfig,

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 
 import anndata as ad
 import h5py
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from data_conversion import ConversionError, ConvertConfig, convert_corpus, validate_corpus
+from data_conversion import (
+    ConversionError,
+    ConvertConfig,
+    convert_corpus,
+    validate_corpus,
+)
 from data_conversion.convert import plan_corpus
 from tests.h5ad_factory import make_adata, write
 from vcc_dist import constants as K

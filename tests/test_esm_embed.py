@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from vcc_dist.esm.embed import (EmbedConfig, EmbedError, embed_genes, load_gene_embeddings)
+from vcc_dist.esm.embed import (
+    EmbedConfig,
+    EmbedError,
+    embed_genes,
+    load_gene_embeddings,
+)
 from vcc_dist.esm.fasta import read_isoforms
 from vcc_dist.esm.model import MAX_RESIDUES, load_esm, save_tiny_esm2
 

@@ -10,10 +10,15 @@ import warnings
 import numpy as np
 import pytest
 
-from tests.eval_pairs import (CONTROL, cell_eval_score, log1p_normalise, make_pred,
-                              make_real, run_cell_eval)
+from tests.eval_pairs import (
+    CONTROL,
+    cell_eval_score,
+    log1p_normalise,
+    make_pred,
+    make_real,
+    run_cell_eval,
+)
 from vcc_dist.metrics import vcc
-
 
 SHAPES = {
     # name: make_real kwargs
@@ -93,6 +98,7 @@ def test_de_tables_bit_identical_to_pdex():
     """p-values, fold changes (incl. ±inf and 0/0) and FDR equal pdex's own output exactly,
     for CSR and dense storage."""
     import pdex
+
     from vcc_dist.metrics.normalize import prepare_expression
 
     real = make_real(seed=7, n_perts=6, depth=1.0)

@@ -32,8 +32,8 @@ def _stream(x, block=97):
 
 @pytest.mark.parametrize("n_top", [50, 120])
 def test_hvg_matches_scanpy_seurat(n_top):
-    import scanpy as sc
     import anndata as ad
+    import scanpy as sc
 
     x = _counts()
     adata = ad.AnnData(x.copy())

@@ -7,8 +7,12 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 
-from vcc_dist.metrics.normalize import (ExpressionError, as_float_matrix, inspect_matrix,
-                                        log_normalize, prepare_expression)
+from vcc_dist.metrics.normalize import (
+    ExpressionError,
+    as_float_matrix,
+    inspect_matrix,
+    prepare_expression,
+)
 
 
 def _counts(seed=0, n=300, g=80, zero_rows=3, dtype=np.float32):

@@ -11,8 +11,13 @@ import pytest
 
 from vcc_dist import constants as K
 from vcc_dist.data.corpus import store_path
-from vcc_dist.data.plans import (CellPlan, CellStreamConfig, SetStreamConfig, StreamPosition,
-                                 read_cell_unit)
+from vcc_dist.data.plans import (
+    CellPlan,
+    CellStreamConfig,
+    SetStreamConfig,
+    StreamPosition,
+    read_cell_unit,
+)
 from vcc_dist.data.reader import CorpusReader
 from vcc_dist.data.splits import SplitSpec
 from vcc_dist.data.streams import set_plan

@@ -70,6 +70,35 @@ def test_normalisation_matches_scanpy(tiny_corpus):
     np.testing.assert_array_equal(got, want)
 
 
+def test_per_source_normalisation_matches_scanpy_per_file(tiny_corpus):
+    """target_sum="store": every store normalised to the median total of its source file, as
+    cell-eval (and scanpy on that file alone) normalise one file; read_many mixes stores."""
+    sim, corpus = tiny_corpus
+    r = CorpusReader(corpus, target_sum="store")
+    m = load_manifest(corpus)
+    assert len(m.stores) > len(sim.h5ad_paths)  # files span several stores here
+    for path in sim.h5ad_paths:
+        a = ad.read_h5ad(path)
+        file_median = np.float32(np.median(np.asarray(a.X.sum(1)).ravel()))
+        ids = [i for i, s in enumerate(m.stores) if s.source == str(path)]
+        assert ids and all(r.store_targets[i] == file_median for i in ids)
+    assert len({float(t) for t in r.store_targets}) > 1  # the files really differ
+    # values: x / (total / file median), log1p, in scanpy's float32 arithmetic
+    ids = np.repeat(np.arange(len(m.stores)), 5)
+    rows = np.tile(np.arange(5), len(m.stores))
+    order = np.random.default_rng(1).permutation(ids.size)
+    ids, rows = ids[order], rows[order]
+    raw = CorpusReader(corpus, normalize=False).read_many(ids, rows).to_scipy().toarray()
+    tot = raw.sum(1).astype(np.float32)
+    want = np.log1p(raw.astype(np.float32) / (tot / r.store_targets[ids])[:, None])
+    got = r.dense(r.read_many(ids, rows, normalize=True))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    with pytest.raises(ValueError, match="store ids"):
+        r.normalize(r.read(0, np.arange(3)))
+    with pytest.raises(ValueError, match="'store'"):
+        CorpusReader(corpus, target_sum="median")
+
+
 def test_target_sum_option_and_no_log(tiny_corpus):
     _, corpus = tiny_corpus
     r = CorpusReader(corpus, target_sum=1e4, log1p=False)

@@ -18,7 +18,14 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from vcc_dist.constants import BATCH_KEY, CONTEXT_KEY, CONTROL_LABEL, GENE_ID_KEY, GUIDE_KEY, PERT_KEY
+from vcc_dist.constants import (
+    BATCH_KEY,
+    CONTEXT_KEY,
+    CONTROL_LABEL,
+    GENE_ID_KEY,
+    GUIDE_KEY,
+    PERT_KEY,
+)
 from vcc_dist.data import simulate as S
 from vcc_dist.data.simulate import (
     FIELD_DOCS,

@@ -16,7 +16,6 @@ from vcc_dist.models.losses import (
 )
 
 
-
 def _energy_loop(x, y):
     """Direct O(S^2) reference in float64, geomloss's convention:
     E||x-y|| - 1/2 E||x-x'|| - 1/2 E||y-y'|| (V-statistic, i = j included)."""

@@ -90,7 +90,7 @@ class CellStreamConfig:
     seed: int = 0
     val_fraction: float = 0.0  # blocks held out (fixed by the seed) for the "val" stream
     genes: str | tuple[str, ...] = "all"  # "all", "hvg" or gene symbols
-    target_sum: float | None = None  # None = median total_counts of the corpus
+    target_sum: float | str | None = None  # None: corpus median total; "store": each store's median
     log1p: bool = True
     decode_threads: int = 1  # zarrs threads per read task (each task holds one Ray CPU)
 
@@ -232,7 +232,7 @@ class SetStreamConfig:
     min_group_cells: int = 1  # groups with fewer cells give no sets
     seed: int = 0
     genes: str | tuple[str, ...] = "all"
-    target_sum: float | None = None
+    target_sum: float | str | None = None  # None: corpus median total; "store": per store
     log1p: bool = True
     decode_threads: int = 1  # zarrs threads per read task (each task holds one Ray CPU)
 
@@ -490,5 +490,13 @@ def _ranges_of(sub: pd.DataFrame) -> _Ranges:
                    sub["stop"].to_numpy(np.int64))
 
 
-__all__ = ["CellStreamConfig", "SetStreamConfig", "CellPlan", "SetPlan", "StreamPosition",
-           "Unit", "read_cell_unit", "rng_for"]
+__all__ = [
+    "CellPlan",
+    "CellStreamConfig",
+    "SetPlan",
+    "SetStreamConfig",
+    "StreamPosition",
+    "Unit",
+    "read_cell_unit",
+    "rng_for",
+]

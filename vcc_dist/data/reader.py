@@ -24,9 +24,9 @@ import json
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numba as nb
 import numpy as np
@@ -289,8 +289,10 @@ def _spans_to_block(data, idx, starts, lens, totals, n_cols, scale=None) -> CSRB
 # ---------------------------------------------------------------------------------------------
 
 
-def _median_total(corpus_dir: Path, manifest: CorpusManifest) -> float:
-    """Median ``total_counts`` over all cells of the corpus (scanpy's default target).
+def _median_totals(corpus_dir: Path, manifest: CorpusManifest) -> tuple[float, list[float]]:
+    """Median ``total_counts`` over all cells of the corpus (scanpy's default target), and for
+    each store the median over the cells of its source file (what cell-eval normalises that
+    file to; a large file is split into several stores).
 
     Exact, in bounded memory: per-store value histograms (``np.unique``) are merged, so the
     whole column is never held at once. Cached next to ``corpus.json`` (keyed by the stores'
@@ -299,31 +301,48 @@ def _median_total(corpus_dir: Path, manifest: CorpusManifest) -> float:
     cache = corpus_dir / ".median_total.json"
     try:
         c = json.loads(cache.read_text())
-        if c.get("key") == key:
-            return float(c["median"])
-    except (OSError, ValueError, KeyError):
+        if c.get("key") == key and len(c["store_medians"]) == len(manifest.stores):
+            return float(c["median"]), [float(x) for x in c["store_medians"]]
+    except (OSError, ValueError, KeyError, TypeError):
         pass
     vals: dict[int, int] = {}
+    by_source: dict[str, dict[int, int]] = {}
     for s in manifest.stores:
         tot = zarr.open_array(str(store_path(corpus_dir, s.name) / "obs" / K.TOTAL_COUNTS_KEY),
                               mode="r")[:]
         u, c = np.unique(np.asarray(tot, np.int64), return_counts=True)
+        src = by_source.setdefault(str(s.source), {})
         for a, b in zip(u.tolist(), c.tolist()):
             vals[a] = vals.get(a, 0) + b
+            src[a] = src.get(a, 0) + b
     if not vals:
         raise CorpusError(f"corpus {corpus_dir} has no cells")
-    u = np.array(sorted(vals), np.float64)
-    c = np.array([vals[int(x)] for x in u], np.int64)
+
+    def median(h: dict[int, int]) -> float:
+        u = np.array(sorted(h), np.float64)
+        return _hist_median(u, np.array([h[int(x)] for x in u], np.int64)) if h else float("nan")
+
+    med = median(vals)
+    src_med = {k: median(h) for k, h in by_source.items()}
+    store_medians = [src_med[str(s.source)] for s in manifest.stores]
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    with contextlib.suppress(OSError):  # a read-only corpus just recomputes next time
+        tmp.write_text(json.dumps({"key": key, "median": med, "store_medians": store_medians}))
+        os.replace(tmp, cache)
+    return float(med), store_medians
+
+
+def _hist_median(u: np.ndarray, c: np.ndarray) -> float:
+    """np.median of the values ``u`` repeated ``c`` times (``u`` sorted)."""
     cum = np.cumsum(c)
     n = int(cum[-1])
     lo = u[np.searchsorted(cum, (n - 1) // 2, side="right")]
     hi = u[np.searchsorted(cum, n // 2, side="right")]
-    med = (lo + hi) / 2.0
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-    with contextlib.suppress(OSError):  # a read-only corpus just recomputes next time
-        tmp.write_text(json.dumps({"key": key, "median": med}))
-        os.replace(tmp, cache)
-    return float(med)
+    return float((lo + hi) / 2.0)
+
+
+def _median_total(corpus_dir: Path, manifest: CorpusManifest) -> float:
+    return _median_totals(corpus_dir, manifest)[0]
 
 
 def gene_selection(manifest: CorpusManifest, genes: str | Sequence[str]) -> np.ndarray:
@@ -357,7 +376,9 @@ class CorpusReader:
 
     ``genes``: "all", "hvg" or a list of symbols (output columns). ``target_sum``: the
     normalize_total target; None = the median ``total_counts`` of the corpus (scanpy's
-    default), ``log1p``: natural log1p after normalising; ``normalize=False`` returns raw
+    default); "store" = the median of each store's source file (how cell-eval normalises a
+    file, so predictions land in the scale the challenge scores);
+    ``log1p``: natural log1p after normalising; ``normalize=False`` returns raw
     counts as float32. ``decode_threads``: threads decoding one read (None = all cores; the
     streams use 1 per Ray task). Picklable (it reopens stores lazily in each process)."""
 
@@ -375,10 +396,17 @@ class CorpusReader:
         self.colmap[self.gene_index] = np.arange(self.gene_index.size)
         self.normalize_counts = bool(normalize)
         self.log1p = bool(log1p)
-        if target_sum is not None and not target_sum > 0:
-            raise ValueError(f"target_sum={target_sum!r} must be positive (or None for the median)")
-        self.target_sum = (float(target_sum) if target_sum is not None
-                           else _median_total(self.corpus_dir, self.manifest))
+        self.store_targets: np.ndarray | None = None
+        if target_sum == "store":
+            med, per_store = _median_totals(self.corpus_dir, self.manifest)
+            self.target_sum = med
+            self.store_targets = np.array([m if m > 0 else med for m in per_store], np.float32)
+        elif isinstance(target_sum, str) or (target_sum is not None and not target_sum > 0):
+            raise ValueError(f"target_sum={target_sum!r} must be positive, None (the corpus "
+                             "median) or 'store' (each store's median)")
+        else:
+            self.target_sum = (float(target_sum) if target_sum is not None
+                               else _median_total(self.corpus_dir, self.manifest))
         if max_open_stores < 1:
             raise ValueError("max_open_stores must be >= 1")
         self.max_open_stores = int(max_open_stores)
@@ -460,21 +488,28 @@ class CorpusReader:
             st.read_into(runs, data[b:b + total], idx[b:b + total])
         if not (normalize and self.normalize_counts):
             blk = _spans_to_block(data, idx, starts, lens, totals, self.n_vocab)
-            return self.normalize(blk) if normalize else blk
+            return self.normalize(blk, store_ids) if normalize else blk
         blk = _spans_to_block(data, idx, starts, lens, totals, self.n_vocab,
-                              scale=self._scale(totals))
+                              scale=self._scale(totals, store_ids))
         if self.log1p:
             np.log1p(blk.data, out=blk.data)  # numpy's log1p, as scanpy: bit-identical values
         blk.normalized = True
         return blk
 
-    def _scale(self, totals: np.ndarray) -> np.ndarray:
+    def _scale(self, totals: np.ndarray, store_ids: np.ndarray | None = None) -> np.ndarray:
         """scanpy's per-cell divisor in float32: total / target, zeros replaced by 1."""
-        scale = totals.astype(np.float32) / np.float32(self.target_sum)
+        if self.store_targets is None:
+            target = np.float32(self.target_sum)
+        elif store_ids is None:
+            raise ValueError("this reader normalises each store to its own median "
+                             "(target_sum='store'): pass the rows' store ids")
+        else:
+            target = self.store_targets[np.asarray(store_ids, np.int64)]
+        scale = totals.astype(np.float32) / target
         scale[scale == 0] = 1
         return scale
 
-    def normalize(self, block: CSRBlock) -> CSRBlock:
+    def normalize(self, block: CSRBlock, store_ids: np.ndarray | None = None) -> CSRBlock:
         """Raw counts -> float32 ``normalize_total(target_sum)`` (+ ``log1p``), in scanpy's
         float32 arithmetic (``x / (total / target)``, zero totals left as is). A block that is
         already normalised is returned as is."""
@@ -484,7 +519,7 @@ class CorpusReader:
         if not self.normalize_counts:
             vals[:] = block.data
         else:
-            _scale_rows(block.indptr, block.data, self._scale(block.totals), vals)
+            _scale_rows(block.indptr, block.data, self._scale(block.totals, store_ids), vals)
             if self.log1p:
                 np.log1p(vals, out=vals)  # numpy's log1p, as scanpy: bit-identical values
         return CSRBlock(vals, block.indices, block.indptr, block.totals, block.n_cols, True)

@@ -101,27 +101,27 @@ from vcc_dist.constants import (
 )
 
 __all__ = [
-    "chunk_rows",
+    "FIELD_DOCS",
     "SIM_PRESETS",
+    "CellPlan",
     "SimConfig",
     "SimModel",
-    "CellPlan",
     "SimOutputs",
-    "sim_config",
-    "parse_overrides",
     "build_model",
+    "cell_barcodes",
+    "chunk_rows",
+    "gene_features",
+    "iter_count_blocks",
+    "load_sim_config",
+    "load_truth",
+    "make_split",
+    "parse_overrides",
     "plan_cells",
     "sample_counts",
-    "iter_count_blocks",
+    "sim_config",
     "simulate",
-    "load_truth",
     "truth_effects",
-    "cell_barcodes",
-    "load_sim_config",
-    "gene_features",
     "write_fasta",
-    "make_split",
-    "FIELD_DOCS",
 ]
 
 
@@ -456,7 +456,7 @@ class SimConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "SimConfig":
+    def from_dict(cls, d: Mapping) -> SimConfig:
         """Inverse of :func:`dataclasses.asdict` (also accepts JSON-decoded dicts)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)

@@ -29,21 +29,35 @@ Resuming: every row carries ``epoch`` and ``step`` (the batch id within the epoc
 records the steps it consumed; after a restart, build the stream with
 ``StreamPosition(epoch, consumed=<steps consumed by all workers>)`` and those batches are not
 read again (``consumed=n`` means steps 0..n-1).
+
+Trainers that restart (Ray Train's ``FailureConfig`` re-splits the dataset after a worker
+failure, which starts again from the dataset's initial state) pass ``board=<name>`` instead:
+a small named actor (:func:`position_board`) holding the position to play; the datasource
+reads it at the start of every execution. The trainer sets it before each epoch (rank 0, then
+a barrier), so after any restart the stream resumes exactly where the checkpoint says.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from vcc_dist import constants as K
 from vcc_dist.data.labels import CorpusLabels, corpus_labels
-from vcc_dist.data.plans import (CellPlan, CellStreamConfig, SetPlan, SetStreamConfig,
-                                 StreamPosition, Unit, read_cell_unit)
+from vcc_dist.data.plans import (
+    CellPlan,
+    CellStreamConfig,
+    SetPlan,
+    SetStreamConfig,
+    StreamPosition,
+    Unit,
+    read_cell_unit,
+)
 from vcc_dist.data.reader import CorpusReader, CSRBlock
 from vcc_dist.data.splits import TRAIN, SplitSpec
 
@@ -100,8 +114,9 @@ def _make_datasource_class():
 
     class _PlanSource(Datasource):
         def __init__(self, read_units: Callable, units_for_epoch: Callable, bytes_per_batch: int,
-                     position: StreamPosition):
+                     position: StreamPosition, board: str | None = None):
             super().__init__()
+            self._board = board
             self._read_units = read_units
             self._units_for_epoch = units_for_epoch
             self._bytes_per_batch = bytes_per_batch
@@ -114,10 +129,16 @@ def _make_datasource_class():
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
             # Ray calls this for planning (no data_context) and once per execution = epoch
-            epoch = self._position.epoch + self._executions
-            if data_context is not None:
-                self._executions += 1
-            skip = self._position.skip_set() if epoch == self._position.epoch else frozenset()
+            if self._board is not None:
+                if data_context is not None or self._executions == 0:
+                    self._position = read_board(self._board)
+                    self._executions = 1
+                epoch, skip = self._position.epoch, self._position.skip_set()
+            else:
+                epoch = self._position.epoch + self._executions
+                if data_context is not None:
+                    self._executions += 1
+                skip = self._position.skip_set() if epoch == self._position.epoch else frozenset()
             if self._last is None or self._last[0] != epoch:
                 self._last = (epoch, self._units_for_epoch(epoch))
             units = [u for u in self._last[1]
@@ -149,10 +170,62 @@ def _datasource_class():
 MAX_READ_TASKS = 1024
 
 
-def _dataset(read_units, units_for_epoch, bytes_per_batch, position, transform, n_units: int):
+def _make_board_class():
     import ray
 
-    src = _datasource_class()(read_units, units_for_epoch, bytes_per_batch, position)
+    @ray.remote(num_cpus=0)
+    class _PositionBoard:
+        def __init__(self, epoch: int, consumed: tuple[int, ...] | int):
+            self.value = (int(epoch), consumed)
+
+        def set(self, epoch: int, consumed: tuple[int, ...] | int) -> None:
+            self.value = (int(epoch), consumed)
+
+        def get(self):
+            return self.value
+
+    return _PositionBoard
+
+
+@functools.lru_cache(maxsize=1)
+def _board_class():
+    return _make_board_class()
+
+
+def position_board(name: str, position: StreamPosition | None = None):
+    """Create the named actor telling a stream built with ``board=name`` which epoch to play
+    next and which of its batches to skip; returns its handle. It lives as long as the
+    process that created it (the driver)."""
+    position = position or StreamPosition()
+    return _board_class().options(name=name, get_if_exists=False).remote(
+        position.epoch, position.consumed)
+
+
+def set_board(name: str, position: StreamPosition) -> None:
+    """Tell the stream of board ``name`` to play ``position`` on its next execution."""
+    import ray
+
+    ray.get(ray.get_actor(name).set.remote(position.epoch, position.consumed))
+
+
+def read_board(name: str) -> StreamPosition:
+    import ray
+
+    try:
+        actor = ray.get_actor(name)
+    except ValueError:
+        raise RuntimeError(f"the stream's position board {name!r} is gone: create it with "
+                           "vcc_dist.data.streams.position_board in the driver before "
+                           "iterating the stream") from None
+    epoch, consumed = ray.get(actor.get.remote())
+    return StreamPosition(int(epoch), consumed)
+
+
+def _dataset(read_units, units_for_epoch, bytes_per_batch, position, transform, n_units: int,
+             board: str | None = None):
+    import ray
+
+    src = _datasource_class()(read_units, units_for_epoch, bytes_per_batch, position, board)
     # one read task per unit (up to MAX_READ_TASKS): with fewer tasks than its default
     # parallelism, Ray would split every read output into more blocks and stop fusing the
     # read with the transform below
@@ -369,8 +442,10 @@ def set_plan(corpus_dir: str | os.PathLike, cfg: SetStreamConfig,
 def set_stream(corpus_dir: str | os.PathLike, cfg: SetStreamConfig | None = None, *,
                split: str | os.PathLike | SplitSpec | None = None, role: str = TRAIN,
                world_size: int = 1, position: StreamPosition | None = None,
-               transform: Callable | None = None) -> Stream:
-    """The ST set stream of a corpus: ``role`` "train", "val" or "test" sets of ``split``."""
+               transform: Callable | None = None, board: str | None = None) -> Stream:
+    """The ST set stream of a corpus: ``role`` "train", "val" or "test" sets of ``split``.
+    ``board``: the name of a :func:`position_board` that says which epoch each execution
+    plays (for restartable trainers); ``position`` is then ignored."""
     cfg = cfg or SetStreamConfig()
     position = position or StreamPosition()
     if world_size < 1:
@@ -383,7 +458,7 @@ def set_stream(corpus_dir: str | os.PathLike, cfg: SetStreamConfig | None = None
     # bytes of one output batch: two dense [S, G] per set plus ~40 bytes of labels per cell
     per_batch = cfg.batch_size * cfg.set_size * (2 * reader.n_genes * 4 + 40)
     ds = _dataset(read, units_for, per_batch, position,
-                  transform or DenseSets(reader, cfg.set_size), len(units0))
+                  transform or DenseSets(reader, cfg.set_size), len(units0), board)
     return Stream(ds, list(reader.genes), plan.labels, n_batches, cfg.batch_size, world_size,
                   cfg, reader)
 

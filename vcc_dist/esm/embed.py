@@ -154,8 +154,14 @@ def embed_genes(cfg: EmbedConfig) -> EmbedResult:
     from tqdm.auto import tqdm
 
     from vcc_dist.esm.fasta import read_isoforms
-    from vcc_dist.esm.model import (MAX_RESIDUES, file_fingerprint, load_esm, model_info,
-                                    prepare_sequence, resolve_layer)
+    from vcc_dist.esm.model import (
+        MAX_RESIDUES,
+        file_fingerprint,
+        load_esm,
+        model_info,
+        prepare_sequence,
+        resolve_layer,
+    )
 
     t0 = time.perf_counter()
     if not Path(cfg.inputs).is_file():
@@ -317,5 +323,11 @@ def load_gene_embeddings(path: str | os.PathLike, genes: list[str] | None = None
     return names, np.stack([np.asarray(d[g], np.float32) for g in names])
 
 
-__all__ = ["EmbedConfig", "EmbedError", "EmbedResult", "embed_genes", "coverage_report",
-           "load_gene_embeddings"]
+__all__ = [
+    "EmbedConfig",
+    "EmbedError",
+    "EmbedResult",
+    "coverage_report",
+    "embed_genes",
+    "load_gene_embeddings",
+]

@@ -90,21 +90,21 @@ from vcc_dist.infer.counts import COUNTS_COL, parse_pert_counts
 from vcc_dist.metrics.normalize import ExpressionError, prepare_expression
 
 __all__ = [
-    "COUNTS_COL",
     "BASELINES",
-    "BaselineError",
+    "COUNTS_COL",
     "Baseline",
+    "BaselineError",
     "CellMeanBaseline",
     "ContextMeanBaseline",
     "RidgeDeltaBaseline",
+    "exclude_heldout",
+    "load_pert_features",
+    "load_split",
     "make_baseline",
+    "pert_counts_from",
     "read_adata",
     "read_pert_counts",
-    "pert_counts_from",
-    "load_pert_features",
     "ridge_fit",
-    "load_split",
-    "exclude_heldout",
 ]
 
 log = logging.getLogger(__name__)
@@ -427,7 +427,7 @@ class Baseline(abc.ABC):
         self._fit_model(self._stats)
         return self
 
-    def _fit_model(self, st: _TrainStats) -> None:  # noqa: B027 - optional hook
+    def _fit_model(self, st: _TrainStats) -> None:
         """Per-baseline state computed once from the training statistics."""
 
     @property

@@ -17,8 +17,12 @@ import numpy as np
 import pandas as pd
 
 from vcc_dist.constants import CONTEXT_KEY, CONTROL_LABEL, PERT_KEY
-from vcc_dist.infer.baselines import (exclude_heldout, load_split, make_baseline,
-                                      pert_counts_from)
+from vcc_dist.infer.baselines import (
+    exclude_heldout,
+    load_split,
+    make_baseline,
+    pert_counts_from,
+)
 from vcc_dist.metrics import vcc
 
 KINDS = ("cell-mean", "context-mean", "ridge")

@@ -57,9 +57,10 @@ import csv
 import json
 import os
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import anndata as ad
 import h5py
@@ -726,7 +727,7 @@ def _check_values(rep, scan: _Scan, obs_names, var_names, labels):
         rep.add("wrong_dtype", f"X has integer dtype {dt}; cell-eval casts it to float32 and "
                 "treats it as raw counts.")
     h = scan.hits
-    w = lambda k: _where(h[k], obs_names, var_names, labels)  # noqa: E731
+    w = lambda k: _where(h[k], obs_names, var_names, labels)
     if h["nan"].n:
         rep.add("nan_values", f"X holds NaN: {w('nan')}. cell-eval's rank test (numba-mwu) "
                 "raises on NaN. Fix the model output or np.nan_to_num(x, nan=0.0).",

@@ -105,10 +105,8 @@ def _mwu_p(u1, n_a, n_b, tie_term):
     numerator -= 0.5
     z = numerator / s
     p = 0.5 * math.erfc(z / math.sqrt(2.0)) * 2.0
-    if p > 1.0:
-        p = 1.0
-    if p < 0.0:
-        p = 0.0
+    p = min(p, 1.0)
+    p = max(p, 0.0)
     return p
 
 

@@ -94,10 +94,8 @@ def _scan(vals, eps, n_chunks):
                 if np.isnan(v):
                     nan[c] += 1
                 continue
-            if v < lo[c]:
-                lo[c] = v
-            if v > hi[c]:
-                hi[c] = v
+            lo[c] = min(lo[c], v)
+            hi[c] = max(hi[c], v)
             if v == 0:
                 zeros[c] += 1
             elif v - np.trunc(v) > eps:

@@ -330,7 +330,7 @@ class Evaluation:
 
     def to_json(self) -> dict:
         return {"agg": self.agg, "baseline_agg": self.baseline_agg, "score": self.scores,
-                "n_perturbations": int(len(self.results))}
+                "n_perturbations": len(self.results)}
 
 
 def load_agg(path: str | Path) -> dict[str, float]:

@@ -59,6 +59,11 @@ class STConfig:
     gene_decoder: bool = False           # embedding space only: MLP embed_dim -> n_genes
     gene_decoder_hidden: tuple[int, ...] = (1024, 1024, 512)
     cell_set_len: int = 128              # cells per set during training (the data side uses it)
+    # Add the first output_dim perturbation features to the prediction (genes only). With
+    # "transfer" features first (the perturbation's mean effect in other contexts) and
+    # residual="input", the model predicts a correction to the context-mean shift.
+    feature_shift: bool = False
+    zero_init_output: bool = False       # last output Linear starts at zero (pred = shortcut paths)
 
     def __post_init__(self) -> None:
         # Normalise list -> tuple so configs from JSON compare equal and stay hashable.
@@ -94,6 +99,10 @@ class STConfig:
         if self.gene_decoder and self.output_space != "embedding":
             raise ValueError("STConfig.gene_decoder=True needs output_space='embedding' "
                              "(gene outputs need no decoder)")
+        if self.feature_shift and (self.output_space != "genes" or self.pert_dim < self.n_genes):
+            raise ValueError(f"STConfig.feature_shift needs gene outputs and pert_dim >= n_genes "
+                             f"(got output_space={self.output_space!r}, pert_dim={self.pert_dim}, "
+                             f"n_genes={self.n_genes}); put 'transfer' first in the features")
         if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in self.gene_decoder_hidden):
             raise ValueError(f"STConfig.gene_decoder_hidden={self.gene_decoder_hidden!r} must hold "
                              "positive integers")
@@ -224,6 +233,10 @@ class STModel(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.RMSNorm(h, eps=cfg.norm_eps)
         self.project_out = _mlp(h, cfg.output_dim, h, cfg.n_decoder_layers, cfg.dropout)
+        if cfg.zero_init_output:
+            last = self.project_out[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
         self.gene_decoder: nn.Sequential | None = None
         if cfg.gene_decoder:
             layers: list[nn.Module] = []
@@ -271,6 +284,8 @@ class STModel(nn.Module):
             pred = self.project_out(x) + ctrl                 # a delta on the control input
         else:
             pred = self.project_out(x)
+        if cfg.feature_shift:
+            pred = pred + pert_features[..., : cfg.output_dim]
         if cfg.apply_relu:
             pred = F.relu(pred)
         out = {"pred": pred}

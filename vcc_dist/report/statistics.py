@@ -145,7 +145,7 @@ def write_statistics_report(corpus_dir: str | os.PathLike, out_dir: str | os.Pat
         c = g[g[K.PERT_KEY] == K.CONTROL_LABEL]["n_cells"].sum()
         p = g[g[K.PERT_KEY] != K.CONTROL_LABEL]
         per_ctx.append({"context": ctx, "cells": int(g["n_cells"].sum()), "controls": int(c),
-                        "perturbations": int(len(p)),
+                        "perturbations": len(p),
                         "median_cells_per_perturbation": float(p["n_cells"].median())
                         if len(p) else 0.0})
     pc = pert_cells.groupby(K.PERT_KEY)["n_cells"].sum()

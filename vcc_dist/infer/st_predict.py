@@ -1,0 +1,318 @@
+"""ST inference: sets of a context's control cells -> predicted perturbed cells.
+
+Shared by validation during training (vcc_dist.train.st) and ``jobs/predict.py``:
+
+* :func:`plan_sets` — for every perturbation with ``n`` cells to predict, ``ceil(n / S)`` sets
+  of ``S`` control cells (each set draws without replacement while the controls last; seeded);
+  the first ``n`` predicted cells of its sets are the perturbation's cells.
+* :func:`run_sets` — many sets per forward pass (``sets_per_batch``), optionally split over
+  ranks (every rank runs the same number of forward passes, as ZeRO-3 requires).
+* :class:`SubmissionWriter` — writes a challenge-format ``.h5ad`` block by block (CSR rows
+  appended to the file), so a prediction never holds the whole matrix; written under a
+  temporary name and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from vcc_dist.constants import CONTROL_LABEL, PERT_KEY
+
+
+@dataclass
+class SetPlanOut:
+    """``pert[k]``: which perturbation set k predicts; ``ctrl[k]``: its control rows;
+    ``take[k]``: how many of its cells are kept (the last set of a perturbation may keep
+    fewer than S)."""
+
+    pert: np.ndarray  # [K] index into the perturbation list
+    ctrl: np.ndarray  # [K, S] index into the control matrix
+    take: np.ndarray  # [K]
+
+
+def plan_sets(counts: Sequence[int], n_controls: int, set_size: int, seed: int = 0) -> SetPlanOut:
+    if n_controls < 1:
+        raise ValueError("no control cells to predict from")
+    rng = np.random.default_rng(seed)
+    pert, ctrl, take = [], [], []
+    for i, n in enumerate(counts):
+        n = int(n)
+        if n <= 0:
+            continue
+        k = -(-n // set_size)
+        # without replacement while the controls last, then a fresh permutation
+        reps = -(-(k * set_size) // n_controls)
+        idx = np.concatenate([rng.permutation(n_controls) for _ in range(reps)])[: k * set_size]
+        ctrl.append(idx.reshape(k, set_size))
+        pert += [i] * k
+        take += [set_size] * (k - 1) + [n - (k - 1) * set_size]
+    if not pert:
+        return SetPlanOut(np.zeros(0, np.int64), np.zeros((0, set_size), np.int64),
+                          np.zeros(0, np.int64))
+    return SetPlanOut(np.array(pert, np.int64), np.concatenate(ctrl).astype(np.int64),
+                      np.array(take, np.int64))
+
+
+def run_sets(forward: Callable, plan: SetPlanOut, controls: np.ndarray, features: np.ndarray,
+             *, sets_per_batch: int, rank: int = 0, world_size: int = 1,
+             batch_index: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(set id, predicted cells [take, G])`` for this rank's sets.
+
+    ``forward(ctrl [b, S, G] float32, feats [b, D], batch [b] or None) -> [b, S, G]`` (numpy in,
+    numpy out). ``features[i]`` are the features of perturbation i. Batches of
+    ``sets_per_batch`` sets are dealt round-robin to ranks; every rank calls ``forward`` the
+    same number of times (a rank without a batch left repeats its last one and drops it)."""
+    K = plan.pert.size
+    starts = list(range(0, K, sets_per_batch))
+    mine = starts[rank::world_size]
+    n_calls = -(-len(starts) // world_size) if starts else 0
+    for j in range(n_calls):
+        real = j < len(mine)
+        a = mine[j] if real else (mine[-1] if mine else 0)
+        sl = slice(a, min(a + sets_per_batch, K))
+        ctrl = controls[plan.ctrl[sl]]
+        feats = features[plan.pert[sl]]
+        b = None if batch_index is None else batch_index[sl]
+        out = forward(ctrl, feats, b)
+        if not real:
+            continue
+        for k, pred in zip(range(sl.start, sl.stop), out):
+            yield k, pred[: plan.take[k]]
+
+
+class SubmissionWriter:
+    """Append-only writer of a challenge-format prediction ``.h5ad`` (float32 CSR log1p X,
+    obs ``target_gene`` categorical, var index = genes, obs names "0".."n-1").
+
+    The row labels are fixed up front (``labels``: one per row, in row order); ``append``
+    takes the next rows (dense or CSR) and ``close`` checks that every row was written and
+    renames the file into place. Nothing appears at ``path`` until then."""
+
+    def __init__(self, path: str | os.PathLike, labels: Sequence[str], genes: Sequence[str], *,
+                 pert_col: str = PERT_KEY, control_label: str = CONTROL_LABEL):
+        import anndata as ad
+        import h5py
+        import pandas as pd
+        from anndata.io import write_elem
+
+        self.path = Path(path)
+        labels = np.asarray(labels, dtype=object).astype(str)
+        if not (labels == control_label).any():
+            raise ValueError(f"a submission needs control cells labelled {control_label!r}")
+        self.n_rows, self.n_genes = labels.size, len(genes)
+        self.done = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp.h5ad")
+        self.f = h5py.File(self.tmp, "w")
+        self.f.attrs["encoding-type"] = "anndata"
+        self.f.attrs["encoding-version"] = "0.1.0"
+        cats = list(dict.fromkeys(labels.tolist()))
+        obs = pd.DataFrame({pert_col: pd.Categorical(labels, categories=cats)},
+                           index=pd.Index(np.arange(self.n_rows).astype(str)))
+        write_elem(self.f, "obs", obs)
+        write_elem(self.f, "var", pd.DataFrame(index=pd.Index([str(g) for g in genes])))
+        for k in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
+            write_elem(self.f, k, {})
+        self._x = None
+        self._ad = ad
+
+    def append(self, rows) -> None:
+        x = sp.csr_matrix(rows, dtype=np.float32)
+        if x.shape[1] != self.n_genes:
+            raise ValueError(f"rows have {x.shape[1]} genes, the file {self.n_genes}")
+        if self.done + x.shape[0] > self.n_rows:
+            raise ValueError(f"more rows than labels ({self.n_rows})")
+        if x.nnz and (not np.isfinite(x.data).all() or (x.data < 0).any()):
+            raise ValueError("predicted values must be finite and >= 0 (log1p space)")
+        x.eliminate_zeros()
+        x.sort_indices()
+        if self._x is None:
+            from anndata.io import sparse_dataset, write_elem
+
+            write_elem(self.f, "X", x)
+            self._x = sparse_dataset(self.f["X"])
+        elif x.shape[0]:
+            self._x.append(x)
+        self.done += x.shape[0]
+
+    def close(self) -> Path:
+        if self.done != self.n_rows:
+            self.abort()
+            raise ValueError(f"{self.done} of {self.n_rows} rows written; the file was discarded")
+        # the X group records the matrix shape; rows appended grew it
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self.f.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+
+
+# ---------------------------------------------------------------------------------------------
+# trained checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedST:
+    model: object          # vcc_dist.models.st.STModel, eval mode, fp32, CPU
+    manifest: dict
+    features: np.ndarray   # [C, P, D]
+    path: Path
+
+    @property
+    def genes(self) -> list[str]:
+        return list(self.manifest["genes"])
+
+    @property
+    def contexts(self) -> list[str]:
+        return list(self.manifest["labels"]["contexts"])
+
+    @property
+    def perturbations(self) -> list[str]:
+        return list(self.manifest["labels"]["perturbations"])
+
+
+def resolve_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:
+    """A checkpoint directory, or a run directory (its ``best`` or ``latest`` checkpoint)."""
+    import json
+
+    p = Path(path)
+    if (p / "manifest.json").is_file():
+        return p
+    ref = p / f"{which}_checkpoint.json"
+    if ref.is_file():
+        return Path(json.loads(ref.read_text())["path"])
+    raise FileNotFoundError(f"{p} is neither an ST checkpoint (no manifest.json) nor a finished "
+                            f"run directory (no {ref.name}); pass a checkpoint_* directory")
+
+
+def load_st_checkpoint(path: str | os.PathLike, which: str = "best") -> LoadedST:
+    """The fp32 model of a training checkpoint (any ZeRO stage), without Ray or a process
+    group: DeepSpeed's own ZeRO-to-fp32 reconstruction for stages 1-3."""
+    import json
+
+    import torch
+
+    from vcc_dist.models.st import STConfig, STModel
+    from vcc_dist.train.engine import _ensure_cpu_accelerator
+    from vcc_dist.train.st import CHECKPOINT_KIND, DS_DIR, DS_TAG, FEATURES, MANIFEST
+
+    ck = resolve_checkpoint(path, which)
+    man = json.loads((ck / MANIFEST).read_text())
+    if man.get("kind") != CHECKPOINT_KIND:
+        raise ValueError(f"{ck} is not an ST checkpoint (kind {man.get('kind')!r})")
+    model = STModel(STConfig.from_dict(man["model_config"]))
+    ds = ck / DS_DIR
+    stage = int(man["train_config"]["engine"].get("zero_stage", 2))
+    if stage == 0:
+        sd = torch.load(ds / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)["module"]
+    else:
+        _ensure_cpu_accelerator()
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ds), tag=DS_TAG)
+    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    model.eval()
+    return LoadedST(model, man, np.load(ck / FEATURES), ck)
+
+
+def check_compatible(loaded: LoadedST, reader) -> None:
+    """The corpus a prediction reads controls from must have the checkpoint's genes (in its
+    order) and know its contexts; otherwise the error names what differs."""
+    genes = loaded.genes
+    if list(reader.genes) != genes:
+        have = set(reader.genes)
+        missing = [g for g in genes if g not in have]
+        raise ValueError(f"the corpus's genes differ from the checkpoint's: {len(missing)} of "
+                         f"{len(genes)} missing (e.g. {missing[:5]}); predict from a corpus "
+                         "with the training gene vocabulary")
+
+
+def predict_context(loaded: LoadedST, corpus: str | os.PathLike, context: str,
+                    counts: dict[str, int], out_path: str | os.PathLike, *,
+                    sets_per_batch: int = 32, max_set_controls: int = 8192,
+                    control_block: int = 4096, seed: int = 0, progress: bool = False) -> Path:
+    """Predict ``counts[p]`` cells of every perturbation ``p`` in ``context`` from that
+    context's control cells in ``corpus``, and write a challenge-format submission: the
+    predicted cells (perturbations in ``counts`` order), then the context's control cells.
+
+    Memory: at most ``max_set_controls`` control cells (sampled) are held to draw sets from;
+    predictions go to the file one forward pass at a time; the controls are appended to the
+    file in blocks of ``control_block`` cells."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from vcc_dist.data.plans import SetStreamConfig
+    from vcc_dist.data.reader import CorpusReader
+    from vcc_dist.data.streams import set_plan
+
+    man = loaded.manifest
+    if context not in loaded.contexts:
+        raise ValueError(f"context {context!r} is not one the model knows: {loaded.contexts}")
+    unknown = [p for p in counts if p not in loaded.perturbations]
+    if unknown:
+        raise ValueError(f"{len(unknown)} perturbations are not in the model's perturbation "
+                         f"map (e.g. {unknown[:5]}); its features cover only those")
+    norm = man["normalization"]
+    reader = CorpusReader(corpus, genes=loaded.genes, target_sum=norm["target_sum"])
+    check_compatible(loaded, reader)
+    ci = loaded.contexts.index(context)
+    plan, _ = set_plan(corpus, SetStreamConfig(target_sum=norm["target_sum"]), None, reader=reader)
+    # all of the context's controls (training role) ...
+    pool = plan.pools.get((plan.labels.contexts.index(context), -1))
+    if pool is None or pool.n == 0:
+        raise ValueError(f"the corpus has no control cells of context {context!r}")
+    all_st, all_rw = pool.locate(np.arange(pool.n))
+    rng = np.random.default_rng(seed)
+    k = np.arange(pool.n) if pool.n <= max_set_controls else np.sort(
+        rng.choice(pool.n, max_set_controls, replace=False))
+    ctrl = reader.dense(reader.read_many(all_st[k], all_rw[k], normalize=True))
+    S = int(man["model_config"]["cell_set_len"])
+    perts = list(counts)
+    pidx = np.array([loaded.perturbations.index(p) for p in perts], np.int64)
+    feats = loaded.features[ci, pidx]
+    sp_plan = plan_sets([counts[p] for p in perts], ctrl.shape[0], S, seed=seed)
+    forward = _cpu_forward(loaded.model, torch)
+    labels = [p for p in perts for _ in range(counts[p])] + [CONTROL_LABEL] * pool.n
+    with SubmissionWriter(out_path, labels, loaded.genes) as w:
+        bar = tqdm(total=sp_plan.pert.size, desc=f"predict {context}", unit="set",
+                   disable=not progress)
+        for _, pred in run_sets(forward, sp_plan, ctrl, feats, sets_per_batch=sets_per_batch):
+            w.append(pred)
+            bar.update(1)
+        bar.close()
+        for a in range(0, pool.n, control_block):
+            w.append(reader.dense(reader.read_many(all_st[a:a + control_block],
+                                                   all_rw[a:a + control_block], normalize=True)))
+        return w.close()
+
+
+def _cpu_forward(model, torch):
+    def forward(ctrl, feats, batch):
+        with torch.no_grad():
+            out = model(torch.from_numpy(np.ascontiguousarray(ctrl)),
+                        torch.from_numpy(np.ascontiguousarray(feats)),
+                        None if batch is None else torch.from_numpy(batch))
+            return out.get("pred_genes", out["pred"]).numpy()
+    return forward
