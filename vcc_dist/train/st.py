@@ -104,6 +104,7 @@ class STTrainConfig:
     use_gpu: bool = False
     max_failures: int = 2
     seed: int = 0
+    record_batches: bool = False           # workers/batches.jsonl: every (rank, epoch, step) consumed
     wandb: dict = field(default_factory=dict)   # vcc_dist.train.runlog.WandbConfig fields
     name: str = ""                         # run name (default: basename of run_dir)
 
@@ -613,6 +614,14 @@ def train_loop_per_worker(config: dict) -> dict | None:
             metrics["score"] = score  # the checkpoint ranking (validation score, else step)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+    def record(obj: dict) -> None:
+        if cfg.record_batches:
+            with open(run_dir / "workers" / "batches.jsonl", "a") as fh:
+                fh.write(json.dumps({"pid": os.getpid(), "rank": rank, **obj}) + "\n")
+
+    if resumed:
+        record({"event": "resume", "epoch": state["epoch"], "consumed": state["consumed"],
+                "step": state["step"]})
     t_last, cells_since, t_start = time.perf_counter(), 0, time.perf_counter()
     done = step >= max_steps
     epoch = int(state["epoch"])
@@ -634,13 +643,17 @@ def train_loop_per_worker(config: dict) -> dict | None:
                           weights={"main": 1.0})
             engine.backward(rec.total)
             engine.step()
-            mine.extend(int(s) for s in torch.unique(batch["step"]).tolist())
+            ids = [int(s) for s in torch.unique(batch["step"]).tolist()]
+            mine.extend(ids)
+            record({"event": "batch", "epoch": int(batch["epoch"][0]), "steps": ids})
             micro += 1
             cells_since += B * S
             if micro % accum:
                 continue
             step += 1
-            if step % cfg.log_every == 0 or step == 1:
+            if step >= max_steps:
+                done = True
+            if step % cfg.log_every == 0 or step == 1 or done:
                 vec = torch.tensor([rec.total.item(), *[v.item() for v in rec.parts.values()]])
                 if world > 1:
                     dist.all_reduce(vec)
@@ -656,8 +669,6 @@ def train_loop_per_worker(config: dict) -> dict | None:
                         "cells_per_s_worker": cells_since / max(now - t_last, 1e-9),
                         "epoch": epoch}, kind="train")
                 t_last, cells_since = now, 0
-            if step >= max_steps:
-                done = True
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not done:
                 gathered = [None] * world
                 if world > 1:
@@ -684,6 +695,12 @@ def train_loop_per_worker(config: dict) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 # the driver
 # ---------------------------------------------------------------------------------------------
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of a run directory (None if there is none)."""
+    found = [p for p in Path(run_dir).glob("checkpoint_*") if (p / MANIFEST).is_file()]
+    return max(found, key=lambda p: p.name) if found else None
 
 
 @dataclass
@@ -717,14 +734,17 @@ def train_st(cfg: STTrainConfig, *, progress: bool = True) -> STResult:
         cfg = dataclasses.replace(cfg, epochs=max(cfg.epochs,
                                                   math.ceil(cfg.max_steps / prep.steps_per_epoch)))
     optim = cfg.optim_config(total)
+    latest = latest_checkpoint(run_dir)
+    if latest is not None:  # fail before starting workers, with the reason
+        _check_resume(json.loads((latest / MANIFEST).read_text()), prep)
 
     ensure_ray()
     board = f"vcc-st-board-{uuid.uuid4().hex[:12]}"
     board_actor = position_board(board)
-    stream = set_stream(cfg.corpus, cfg.stream_config(), split=cfg.split, role="train",
-                        world_size=cfg.num_workers, board=board)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(progress)
+    stream = set_stream(cfg.corpus, cfg.stream_config(), split=cfg.split, role="train",
+                        world_size=cfg.num_workers, board=board)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "prep_dir": str(prep.dir), "board": board,

@@ -1,0 +1,111 @@
+"""ST training speed on CPU: vcc-dist's trainer (Ray Train + DeepSpeed, set stream) vs Arc's
+``state tx train`` (arc-state 0.11.1, cell-load loader, lightning), both with ``state_sm``, the
+same data, set size and batch size, measured in the same run one after the other.
+
+    python benchmarks/st_speed.py --run runs/demo --steps 40 --peer-steps 60
+
+Ours: ``jobs/train_st.py --recipe state_sm`` (set 128 x 16 sets, the simulator's 64-d
+perturbation features file, ZeRO-2 fp32 on DeepSpeed's CPU accelerator), 1 Ray Train worker
+holding 1 CPU, the set stream on the other core. Its rate is taken from metrics_train.csv
+(``cells_per_s_worker``: perturbed cells per second between log points, logged every 5 optimizer
+steps), the median over the log points after the first 10 steps; its CPU seconds per cell from
+the whole process tree (driver, Ray workers) over the run (start-up included, so a lower
+bound of the steady rate per CPU second).
+Peer: ``benchmarks/_state_peer.py`` (see its docstring: steady window, loader-built cells, CPU
+of the process tree), arc-state in ``.venv-state``.
+
+Results are appended to benchmarks/results/st_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def ours(run: Path, work: Path, steps: int) -> dict:
+    import pandas as pd
+    import psutil
+
+    rd = work / "vcc_dist_state_sm"
+    if rd.exists():
+        import shutil
+
+        shutil.rmtree(rd)
+    cmd = [sys.executable, "jobs/train_st.py", "--recipe", "state_sm", "--corpus",
+           str(run / "corpus"), "--split", str(run / "sim" / "split.toml"), "--run-dir", str(rd),
+           "--features", str(run / "sim" / "pert_features.pt"), "--max-steps", str(steps),
+           "--wandb", "disabled", "--no-progress", "--num-cpus", "2",
+           "--set", "log_every=5", "val_role=\"\""]
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = psutil.Process(p.pid)
+    cpu = 0.0
+    seen: dict[int, float] = {}
+    while p.poll() is None:
+        try:
+            for c in [proc, *proc.children(recursive=True)]:
+                with __import__("contextlib").suppress(psutil.Error):
+                    t = c.cpu_times()
+                    seen[c.pid] = t.user + t.system
+        except psutil.Error:
+            pass
+        time.sleep(0.5)
+    out = p.stdout.read()
+    if p.returncode:
+        raise SystemExit(f"train_st failed:\n{out[-4000:]}")
+    wall = time.perf_counter() - t0
+    cpu = sum(seen.values())
+    m = pd.read_csv(rd / "metrics_train.csv")
+    steady = m[m["step"] > 10]["cells_per_s_worker"].tolist()
+    S, B = 128, 16
+    return {"tool": "vcc-dist", "cells_per_s": statistics.median(steady),
+            "cells_per_cpu_s_lower_bound": steps * S * B / cpu, "wall_s": wall, "cpu_s": cpu,
+            "steps": steps, "set_size": S, "batch_size": B, "rates": steady,
+            "command": " ".join(cmd)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", default="runs/demo")
+    ap.add_argument("--workdir", default="bench_data/st_speed")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--peer-steps", type=int, default=60)
+    ap.add_argument("--skip-peer", action="store_true")
+    a = ap.parse_args(argv)
+    run, work = Path(a.run).resolve(), Path(a.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    rows = [ours(run, work, a.steps)]
+    print(json.dumps({k: v for k, v in rows[0].items() if k != "rates"}))
+    if not a.skip_peer:
+        p = subprocess.run([sys.executable, "benchmarks/_state_peer.py", "--data-dir",
+                            str(run / "sim"), "--toml", str(run / "sim" / "split.toml"),
+                            "--workdir", str(work / "state_peer"), "--steps", str(a.peer_steps)],
+                           cwd=ROOT, capture_output=True, text=True, check=False)
+        if p.returncode:
+            raise SystemExit(f"peer failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+        rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        print(p.stdout.strip().splitlines()[-1])
+    rec = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.node(),
+           "command": "python benchmarks/st_speed.py " + " ".join(argv or sys.argv[1:]),
+           "rows": rows}
+    if len(rows) == 2:
+        rec["ratio_cells_per_s"] = rows[0]["cells_per_s"] / rows[1]["cells_per_s"]
+        print(f"ratio (cells/s): {rec['ratio_cells_per_s']:.2f}x")
+    res = ROOT / "benchmarks/results/st_speed.json"
+    old = json.loads(res.read_text()) if res.exists() else []
+    res.write_text(json.dumps(old + [rec], indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

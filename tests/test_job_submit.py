@@ -1,0 +1,73 @@
+"""The cluster path: `ray start --head` in the background, `ray job submit --working-dir .`
+of jobs/train_st.py, success checked, the head stopped by its own PID (never `ray stop`,
+which would end every Ray process on the host). Token authentication stays on (Ray 2.60's
+default): the CLI finds the token the head wrote."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_train_st(tiny_corpus, tmp_path):
+    sim, corpus = tiny_corpus
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+           "RAY_AUTH_MODE": "token", "WANDB_MODE": "offline", "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    port, dash = _free_port(), _free_port()
+    head = subprocess.Popen(
+        [os.path.join(bindir, "ray"), "start", "--head", "--block", "--port", str(port),
+         "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+         "--dashboard-port", str(dash), "--disable-usage-stats"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(address, timeout=2)
+                break
+            except OSError as e:
+                # 401/403 means the dashboard is up and asks for the token
+                if getattr(e, "code", None) in (401, 403):
+                    break
+                if head.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"ray head did not start: {head.stdout.read()[-3000:]}")
+                time.sleep(1)
+        run = tmp_path / "run"
+        p = subprocess.run(
+            [os.path.join(bindir, "ray"), "job", "submit", "--address", address,
+             "--working-dir", str(ROOT), "--", "python", "jobs/train_st.py", "--recipe", "debug",
+             "--corpus", str(corpus), "--split", str(sim.split_path), "--run-dir", str(run),
+             "--epochs", "1", "--no-progress", "--wandb", "offline"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+        out = p.stdout + p.stderr
+        assert p.returncode == 0, out[-4000:]
+        assert "succeeded" in out and "best checkpoint" in out
+        assert (run / "best_checkpoint.json").is_file() and (run / "metrics_val.csv").is_file()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
