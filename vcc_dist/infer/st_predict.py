@@ -65,8 +65,10 @@ def run_sets(forward: Callable, plan: SetPlanOut, controls: np.ndarray, features
              batch_index: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(set id, predicted cells [take, G])`` for this rank's sets.
 
-    ``forward(ctrl [b, S, G] float32, feats [b, D], batch [b] or None) -> [b, S, G]`` (numpy in,
-    numpy out). ``features[i]`` are the features of perturbation i. Batches of
+    ``forward(ctrl [b, S, G] float32, feats [b, D], batch [b, S] or None) -> [b, S, G]`` (numpy
+    in, numpy out). ``features[i]`` are the features of perturbation i; ``batch_index[j]`` the
+    experimental batch of control cell j (for models with a batch embedding: a predicted cell
+    keeps its control cell's batch). Batches of
     ``sets_per_batch`` sets are dealt round-robin to ranks; every rank calls ``forward`` the
     same number of times (a rank without a batch left repeats its last one and drops it)."""
     K = plan.pert.size
@@ -79,7 +81,7 @@ def run_sets(forward: Callable, plan: SetPlanOut, controls: np.ndarray, features
         sl = slice(a, min(a + sets_per_batch, K))
         ctrl = controls[plan.ctrl[sl]]
         feats = features[plan.pert[sl]]
-        b = None if batch_index is None else batch_index[sl]
+        b = None if batch_index is None else batch_index[plan.ctrl[sl]]
         out = forward(ctrl, feats, b)
         if not real:
             continue
@@ -288,6 +290,8 @@ def predict_context(loaded: LoadedST, corpus: str | os.PathLike, context: str,
     k = np.arange(pool.n) if pool.n <= max_set_controls else np.sort(
         rng.choice(pool.n, max_set_controls, replace=False))
     ctrl = reader.dense(reader.read_many(all_st[k], all_rw[k], normalize=True))
+    ctrl_batch = (control_batches(reader, plan.labels, all_st[k], all_rw[k], loaded.manifest)
+                  if loaded.model.cfg.n_batches else None)
     S = int(man["model_config"]["cell_set_len"])
     perts = list(counts)
     pidx = np.array([loaded.perturbations.index(p) for p in perts], np.int64)
@@ -298,7 +302,8 @@ def predict_context(loaded: LoadedST, corpus: str | os.PathLike, context: str,
     with SubmissionWriter(out_path, labels, loaded.genes) as w:
         bar = tqdm(total=sp_plan.pert.size, desc=f"predict {context}", unit="set",
                    disable=not progress)
-        for _, pred in run_sets(forward, sp_plan, ctrl, feats, sets_per_batch=sets_per_batch):
+        for _, pred in run_sets(forward, sp_plan, ctrl, feats, sets_per_batch=sets_per_batch,
+                                batch_index=ctrl_batch):
             w.append(pred)
             bar.update(1)
         bar.close()
@@ -306,6 +311,26 @@ def predict_context(loaded: LoadedST, corpus: str | os.PathLike, context: str,
             w.append(reader.dense(reader.read_many(all_st[a:a + control_block],
                                                    all_rw[a:a + control_block], normalize=True)))
         return w.close()
+
+
+def control_batches(reader, labels, st: np.ndarray, rows: np.ndarray,
+                    manifest: dict | None = None) -> np.ndarray:
+    """Corpus-wide batch index of each control cell (for the batch embedding). With a
+    ``manifest``, the index is the one the model was trained with (by batch name); a batch the
+    model never saw is an error."""
+    from vcc_dist.constants import BATCH_KEY
+    from vcc_dist.data.streams import _cell_labels
+
+    idx = _cell_labels(reader, labels.store_maps, st, rows)["batch_index"].astype(np.int64)
+    if manifest is None:
+        return idx
+    trained = {b: i for i, b in enumerate(manifest["labels"]["batches"])}
+    names = [labels.names[BATCH_KEY][i] for i in idx]
+    unknown = sorted({n for n in names if n not in trained})
+    if unknown:
+        raise ValueError(f"control cells come from batches the model has no embedding for: "
+                         f"{unknown[:5]}; use a model without a batch embedding")
+    return np.array([trained[n] for n in names], np.int64)
 
 
 def _cpu_forward(model, torch):

@@ -180,7 +180,8 @@ class STTrainConfig:
 
 _RECIPES: dict[str, dict[str, Any]] = {
     # seconds on CPU: tests and smoke runs
-    "debug": {"preset": "debug", "model": {"cell_set_len": 8, "residual": "input"},
+    "debug": {"preset": "debug", "model": {"cell_set_len": 8, "residual": "input",
+                                           "n_batches": "auto"},
               "data": {"batch_size": 4, "block_rows": 4},
               "features": ["onehot", "transfer"], "epochs": 2,
               "optim": {"lr": 1e-3, "warmup_steps": 2}, "engine": {"zero_stage": 2},
@@ -355,8 +356,10 @@ def prepare(cfg: STTrainConfig, *, progress: bool = False) -> Prep:
     means = group_means(plan, reader, max_cells=cfg.pseudobulk_max_cells, seed=cfg.seed,
                         progress=progress)
     table = build_features(cfg.features, labels.contexts, labels.perturbations, means)
-    mcfg = st_preset(cfg.preset, n_genes=reader.n_genes, pert_dim=table.dim,
-                     **{k: v for k, v in cfg.model.items() if k not in ("n_genes", "pert_dim")})
+    model_over = {k: v for k, v in cfg.model.items() if k not in ("n_genes", "pert_dim")}
+    if model_over.get("n_batches") == "auto":  # one embedding per experimental batch
+        model_over["n_batches"] = len(labels.batches)
+    mcfg = st_preset(cfg.preset, n_genes=reader.n_genes, pert_dim=table.dim, **model_over)
     if mcfg.feature_shift and cfg.features[0] != "transfer":
         raise ValueError("model.feature_shift adds the first features to the prediction: they "
                          "must be 'transfer' (put it first in features)")
@@ -472,6 +475,12 @@ class _Validator:
         self.ctrl = _dense(reader, cst, crw)
         self.perts = list(v["perts"])
         self.counts = [len(c[1]) for c in v["cells"]]
+        self.ctrl_batch = None
+        if int(prep.model_config.get("n_batches", 0)):
+            from vcc_dist.data.labels import corpus_labels
+            from vcc_dist.infer.st_predict import control_batches
+
+            self.ctrl_batch = control_batches(reader, corpus_labels(reader)[0], cst, crw)
         self.feats = prep.features[v["context_index"], np.asarray(v["pert_index"])]
         S = int(prep.model_config["cell_set_len"])
         self.plan = plan_sets(self.counts, self.ctrl.shape[0], S, seed=cfg.seed)
@@ -487,7 +496,7 @@ class _Validator:
 
         mine = list(run_sets(forward, self.plan, self.ctrl, self.feats,
                              sets_per_batch=self.cfg.val_sets_per_batch, rank=self.rank,
-                             world_size=self.world))
+                             world_size=self.world, batch_index=self.ctrl_batch))
         parts = [None] * self.world if self.world > 1 else [mine]
         if self.world > 1:
             dist.all_gather_object(parts, mine)
@@ -637,7 +646,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
             ctrl = batch["ctrl"].to(device=device, dtype=dtype)
             target = batch["pert"].to(device=device, dtype=dtype)
             f = feats[batch["context_index"].long().to(device), batch["pert_index"].long().to(device)]
-            bidx = batch["batch_index"].to(device) if mcfg.n_batches else None
+            # each predicted cell keeps the batch of the control cell it comes from
+            bidx = batch["ctrl_cell_batch"].long().to(device) if mcfg.n_batches else None
             out = engine(ctrl, f.to(dtype), bidx)
             rec = st_loss(out["pred"].float(), target.float(), kind=cfg.loss,
                           weights={"main": 1.0})

@@ -1,7 +1,7 @@
 """Statistics report of a corpus: per-gene CSV, plots of gene means and perturbation deltas,
 and a summary (cells, genes, perturbations, controls, cells per perturbation).
 
-    python jobs/statistics.py --corpus runs/demo/corpus --out runs/demo/statistics
+    python jobs/corpus_statistics.py --corpus runs/demo/corpus --out runs/demo/statistics
 """
 
 import argparse
