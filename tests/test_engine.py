@@ -71,6 +71,8 @@ def test_engine_config_validation():
         EngineConfig(precision="fp8")
     with pytest.raises(ValueError, match="offload_optimizer"):
         EngineConfig(zero_stage=0, offload_optimizer=True)
+    with pytest.raises(ValueError, match="matmul_precision"):
+        EngineConfig(matmul_precision="bf16")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")

@@ -101,6 +101,7 @@ class STTrainConfig:
     pseudobulk_max_cells: int = 2000
     num_workers: int = 1
     cpus_per_worker: float = 1.0
+    torch_threads: int = 0                 # intra-op threads per worker; 0 = Ray's (its CPUs)
     use_gpu: bool = False
     max_failures: int = 2
     seed: int = 0
@@ -120,7 +121,7 @@ class STTrainConfig:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"STTrainConfig.{k}={v!r} must be a positive integer")
-        for k in ("max_steps", "checkpoint_every", "max_failures", "seed"):
+        for k in ("max_steps", "checkpoint_every", "max_failures", "seed", "torch_threads"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"STTrainConfig.{k}={v!r} must be an integer >= 0")
@@ -541,6 +542,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     from vcc_dist.train.runlog import RunLogger, WandbConfig
 
     cfg = STTrainConfig.from_dict(config["cfg"])
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
     prep = Prep.load(config["prep_dir"])
     board = config["board"]
     ctx = ray.train.get_context()
