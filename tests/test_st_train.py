@@ -17,8 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vcc_dist.train.st import (CheckpointMismatch, STTrainConfig, latest_checkpoint,
-                               parse_overrides, st_recipe, train_st)
+from vcc_dist.train.st import (CheckpointMismatch, STTrainConfig, parse_overrides, st_recipe, train_st)
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::FutureWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
