@@ -217,3 +217,26 @@ def test_config_errors_are_clear(tiny_corpus, tmp_path):
     f = tmp_path / "recipe.json"
     f.write_text(json.dumps(c.to_dict()))
     assert st_recipe(f) == c
+
+
+def test_resume_check_names_the_mismatch():
+    from vcc_dist.train.st import _check_resume
+
+    class P:
+        def __init__(self, m):
+            self.m = m
+
+        def manifest(self):
+            return self.m
+
+    ck = {"feature_sources": [{"kind": "file", "dim": 3, "sha256": "aa", "source": "/a.pt"}],
+          "corpus_fingerprint": "c1", "genes": ["g1", "g2"]}
+    _check_resume(ck, P({**ck, "feature_sources": [{"kind": "file", "dim": 3, "sha256": "aa",
+                                                      "source": "/moved.pt"}]}))
+    with pytest.raises(CheckpointMismatch, match="perturbation features"):
+        _check_resume(ck, P({**ck, "feature_sources": [{"kind": "file", "dim": 3,
+                                                          "sha256": "bb"}]}))
+    with pytest.raises(CheckpointMismatch, match="corpus"):
+        _check_resume(ck, P({**ck, "corpus_fingerprint": "c2"}))
+    with pytest.raises(CheckpointMismatch, match="gene vocabulary"):
+        _check_resume(ck, P({**ck, "genes": ["g2", "g1"]}))

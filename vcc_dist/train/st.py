@@ -519,6 +519,15 @@ class _Validator:
 def _check_resume(manifest: dict, prep: Prep) -> None:
     """Refuse to resume a run whose checkpoint was made with other data or features."""
     pm = prep.manifest()
+
+    def sources(m):  # kind, dim and file checksum (a moved file is the same features)
+        return [(f.get("kind"), f.get("dim"), f.get("sha256")) for f in m.get("feature_sources", [])]
+
+    if sources(manifest) != sources(pm):
+        raise CheckpointMismatch(
+            f"the run's latest checkpoint was trained with other perturbation features "
+            f"({sources(manifest)}) than this config gives ({sources(pm)}); use a new run_dir "
+            "(or the original features) to resume")
     for key, what in (("corpus_fingerprint", "corpus"), ("genes", "gene vocabulary"),
                       ("labels", "perturbation/context labels"),
                       ("feature_shape", "perturbation feature table shape"),
