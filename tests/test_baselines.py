@@ -65,7 +65,8 @@ def job():
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     finally:
-        sys.path.remove(str(JOB.parent))
+        if str(JOB.parent) in sys.path:  # jobs/_bootstrap may have removed it
+            sys.path.remove(str(JOB.parent))
     return mod
 
 
