@@ -22,6 +22,7 @@ Results are appended to benchmarks/results/st_speed.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -52,12 +53,13 @@ def ours(run: Path, work: Path, steps: int, threads: int, precision: str) -> dic
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     proc = psutil.Process(p.pid)
-    cpu = 0.0
+    # last CPU reading of every process of the tree (Ray's processes exit before the driver,
+    # so a single reading at the end, as _common.tree_cpu takes, would miss them)
     seen: dict[int, float] = {}
     while p.poll() is None:
         try:
             for c in [proc, *proc.children(recursive=True)]:
-                with __import__("contextlib").suppress(psutil.Error):
+                with contextlib.suppress(psutil.Error):
                     t = c.cpu_times()
                     seen[c.pid] = t.user + t.system
         except psutil.Error:

@@ -21,6 +21,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="gpu: opt in with --run-gpu"))
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """A fresh local Ray cluster per test module (2 CPUs, no dashboard, no progress bars):
+    ``address="local"`` so a stale ``ray_current_cluster`` file cannot attach it elsewhere."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
     """A simulated tiny data set (one h5ad per context, split.toml) converted into a corpus,

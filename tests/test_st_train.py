@@ -25,14 +25,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::Futur
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
 
 def _cfg(tiny_corpus, run_dir, **kw) -> STTrainConfig:
     sim, corpus = tiny_corpus

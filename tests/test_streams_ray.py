@@ -18,16 +18,6 @@ CELLS = CellStreamConfig(batch_size=32, block_rows=8, buffer_blocks=8, seed=4, g
 SETS = SetStreamConfig(set_size=16, batch_size=4, seed=4)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
 
 def _epoch(ds, batch_size, key):
     out = []

@@ -262,7 +262,6 @@ def predict_context(loaded: LoadedST, corpus: str | os.PathLike, context: str,
     Memory: at most ``max_set_controls`` control cells (sampled) are held to draw sets from;
     predictions go to the file one forward pass at a time; the controls are appended to the
     file in blocks of ``control_block`` cells."""
-    import torch
     from tqdm.auto import tqdm
 
     from vcc_dist.data.plans import SetStreamConfig
@@ -297,7 +296,7 @@ def predict_context(loaded: LoadedST, corpus: str | os.PathLike, context: str,
     pidx = np.array([loaded.perturbations.index(p) for p in perts], np.int64)
     feats = loaded.features[ci, pidx]
     sp_plan = plan_sets([counts[p] for p in perts], ctrl.shape[0], S, seed=seed)
-    forward = _cpu_forward(loaded.model, torch)
+    forward = make_forward(loaded.model)
     labels = [p for p in perts for _ in range(counts[p])] + [CONTROL_LABEL] * pool.n
     with SubmissionWriter(out_path, labels, loaded.genes) as w:
         bar = tqdm(total=sp_plan.pert.size, desc=f"predict {context}", unit="set",
@@ -333,11 +332,18 @@ def control_batches(reader, labels, st: np.ndarray, rows: np.ndarray,
     return np.array([trained[n] for n in names], np.int64)
 
 
-def _cpu_forward(model, torch):
+def make_forward(model, *, device=None, dtype=None):
+    """The ``forward`` of :func:`run_sets` for a model (numpy in and out, no gradients): inputs
+    cast to ``device``/``dtype`` (the engine's under DeepSpeed), gene-space output
+    (``pred_genes`` when the model has a gene decoder)."""
+    import torch
+
     def forward(ctrl, feats, batch):
         with torch.no_grad():
-            out = model(torch.from_numpy(np.ascontiguousarray(ctrl)),
-                        torch.from_numpy(np.ascontiguousarray(feats)),
-                        None if batch is None else torch.from_numpy(batch))
-            return out.get("pred_genes", out["pred"]).numpy()
+            c = torch.from_numpy(np.ascontiguousarray(ctrl)).to(device=device, dtype=dtype)
+            f = torch.from_numpy(np.ascontiguousarray(feats)).to(device=device, dtype=dtype)
+            b = None if batch is None else torch.from_numpy(np.asarray(batch)).to(device)
+            out = model(c, f, b)
+            return out.get("pred_genes", out["pred"]).float().cpu().numpy()
+
     return forward

@@ -446,21 +446,6 @@ def _val_baselines(reader, held, means, prep_dir: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _forward_fn(module, device, dtype, gene_space: bool):
-    import torch
-
-    def forward(ctrl: np.ndarray, feats: np.ndarray, batch):
-        with torch.no_grad():
-            c = torch.from_numpy(np.ascontiguousarray(ctrl)).to(device=device, dtype=dtype)
-            f = torch.from_numpy(np.ascontiguousarray(feats)).to(device=device, dtype=dtype)
-            b = None if batch is None else torch.from_numpy(np.asarray(batch)).to(device)
-            out = module(c, f, b)
-            pred = out["pred_genes"] if gene_space and "pred_genes" in out else out["pred"]
-            return pred.float().cpu().numpy()
-
-    return forward
-
-
 class _Validator:
     """Predicts the validation perturbations (sets split over ranks) and scores them (rank 0)."""
 
@@ -545,6 +530,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     import torch.distributed as dist
 
     from vcc_dist.data.streams import set_board
+    from vcc_dist.infer.st_predict import make_forward
     from vcc_dist.models.losses import st_loss
     from vcc_dist.models.st import STConfig, STModel
     from vcc_dist.train.engine import build_engine, load_checkpoint, save_checkpoint
@@ -558,8 +544,6 @@ def train_loop_per_worker(config: dict) -> dict | None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     run_dir = Path(cfg.run_dir)
-    if rank == 0:
-        (run_dir / "workers").mkdir(parents=True, exist_ok=True)
     # observability (and the kill-a-worker test): each rank's process id
     (run_dir / "workers").mkdir(parents=True, exist_ok=True)
     (run_dir / "workers" / f"rank{rank}.pid").write_text(str(os.getpid()))
@@ -572,7 +556,6 @@ def train_loop_per_worker(config: dict) -> dict | None:
     device = engine.device
     dtype = next(engine.module.parameters()).dtype
     feats = torch.from_numpy(prep.features).to(device)
-    gene_space = mcfg.output_space == "genes" or mcfg.gene_decoder
     accum = optim_cfg.grad_accum_steps
     B = cfg.stream_config().batch_size
     S = mcfg.cell_set_len
@@ -606,7 +589,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         metrics: dict[str, Any] = {"step": step, "epoch": epoch_next}
         if validator is not None:
             engine.eval()
-            vals = validator(_forward_fn(engine.module, device, dtype, gene_space))
+            vals = validator(make_forward(engine.module, device=device, dtype=dtype))
             engine.train()
             if rank == 0:
                 last_val = vals
