@@ -334,8 +334,9 @@ class Stream:
 def cell_stream(corpus_dir: str | os.PathLike, cfg: CellStreamConfig | None = None, *,
                 split: str = TRAIN, world_size: int = 1,
                 position: StreamPosition | None = None,
-                transform: Callable | None = None) -> Stream:
-    """The SE cell stream of a corpus (``split``: "train", or "val" with ``val_fraction``)."""
+                transform: Callable | None = None, board: str | None = None) -> Stream:
+    """The SE cell stream of a corpus (``split``: "train", or "val" with ``val_fraction``).
+    ``board``: as for :func:`set_stream` (restartable trainers); ``position`` is then ignored."""
     cfg = cfg or CellStreamConfig()
     position = position or StreamPosition()
     if world_size < 1:
@@ -355,7 +356,7 @@ def cell_stream(corpus_dir: str | os.PathLike, cfg: CellStreamConfig | None = No
     units_for = functools.partial(plan.epoch_units, split, world_size=world_size)
     # bytes of one output batch: dense X plus ~40 bytes of labels per cell
     ds = _dataset(read, units_for, cfg.batch_size * (reader.n_genes * 4 + 40), position,
-                  transform or DenseCells(reader), len(units0))
+                  transform or DenseCells(reader), len(units0), board)
     return Stream(ds, genes, labels, n_batches, cfg.batch_size, world_size, cfg, reader)
 
 
