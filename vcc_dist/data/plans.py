@@ -93,6 +93,7 @@ class CellStreamConfig:
     target_sum: float | str | None = None  # None: corpus median total; "store": each store's median
     log1p: bool = True
     decode_threads: int = 1  # zarrs threads per read task (each task holds one Ray CPU)
+    normalize: bool = True  # False: raw counts (as float32), e.g. for SE sentences
 
     def __post_init__(self):
         for k in ("batch_size", "block_rows", "buffer_blocks", "decode_threads"):

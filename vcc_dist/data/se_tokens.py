@@ -148,6 +148,14 @@ class SESentences:
         self.train = train
         self.dataset_of_store = dataset_of_store
 
+    @property
+    def bytes_per_row(self) -> int:
+        """Bytes of one output row (the stream's block size target is derived from it)."""
+        c = self.tok.cfg
+        C = c.n_copies if self.train else 1
+        T = c.n_targets if self.train else 0
+        return C * c.sentence_len * 8 + C * 4 + T * (8 + 4 * C) + 40
+
     def __call__(self, batch: dict[str, np.ndarray]):
         from vcc_dist.data.streams import _unpack
 

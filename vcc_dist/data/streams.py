@@ -343,7 +343,7 @@ def cell_stream(corpus_dir: str | os.PathLike, cfg: CellStreamConfig | None = No
         raise ValueError(f"world_size={world_size} must be >= 1")
     reader = CorpusReader(corpus_dir, genes=cfg.genes if isinstance(cfg.genes, str)
                           else list(cfg.genes), target_sum=cfg.target_sum, log1p=cfg.log1p,
-                          decode_threads=cfg.decode_threads)
+                          normalize=cfg.normalize, decode_threads=cfg.decode_threads)
     genes = list(reader.genes)
     labels, _ = corpus_labels(reader)
     plan = CellPlan(reader.n_cells, cfg)
@@ -354,8 +354,11 @@ def cell_stream(corpus_dir: str | os.PathLike, cfg: CellStreamConfig | None = No
                          f"{cfg.batch_size} per worker x {world_size} workers")
     read = functools.partial(_read_cell_units, reader, cfg, split, labels.store_maps)
     units_for = functools.partial(plan.epoch_units, split, world_size=world_size)
-    # bytes of one output batch: dense X plus ~40 bytes of labels per cell
-    ds = _dataset(read, units_for, cfg.batch_size * (reader.n_genes * 4 + 40), position,
+    # bytes of one output batch (a transform may say its own): dense X plus ~40 bytes of labels
+    # per cell. It sets the block size target, so it must be close: a batch more than 1.5x
+    # the target is cut into several blocks, which streaming_split deals to different workers
+    per_row = getattr(transform, "bytes_per_row", None) or reader.n_genes * 4 + 40
+    ds = _dataset(read, units_for, cfg.batch_size * per_row, position,
                   transform or DenseCells(reader), len(units0), board)
     return Stream(ds, genes, labels, n_batches, cfg.batch_size, world_size, cfg, reader)
 
@@ -443,10 +446,16 @@ def set_plan(corpus_dir: str | os.PathLike, cfg: SetStreamConfig,
 def set_stream(corpus_dir: str | os.PathLike, cfg: SetStreamConfig | None = None, *,
                split: str | os.PathLike | SplitSpec | None = None, role: str = TRAIN,
                world_size: int = 1, position: StreamPosition | None = None,
-               transform: Callable | None = None, board: str | None = None) -> Stream:
+               transform: Callable | None = None, board: str | None = None,
+               embeddings: str | None = None) -> Stream:
     """The ST set stream of a corpus: ``role`` "train", "val" or "test" sets of ``split``.
     ``board``: the name of a :func:`position_board` that says which epoch each execution
-    plays (for restartable trainers); ``position`` is then ignored."""
+    plays (for restartable trainers); ``position`` is then ignored. ``embeddings``: an obsm
+    key (e.g. "X_se") of cell embeddings stored in the corpus: each set row then also carries
+    ``ctrl_emb`` and ``pert_emb`` [S, E] (:class:`SetsWithEmbeddings`)."""
+    if embeddings is not None and transform is not None:
+        raise ValueError("pass either transform= or embeddings= (a custom transform can gather "
+                         "embeddings itself with vcc_dist.data.embeddings.CorpusEmbeddings)")
     cfg = cfg or SetStreamConfig()
     position = position or StreamPosition()
     if world_size < 1:
@@ -458,8 +467,40 @@ def set_stream(corpus_dir: str | os.PathLike, cfg: SetStreamConfig | None = None
     units_for = functools.partial(plan.epoch_units, role, world_size=world_size)
     # bytes of one output batch: two dense [S, G] per set plus ~40 bytes of labels per cell
     per_batch = cfg.batch_size * cfg.set_size * (2 * reader.n_genes * 4 + 40)
+    if embeddings is not None:
+        from vcc_dist.data.embeddings import CorpusEmbeddings
+
+        # checked here, in the driver: a missing store fails now, not in a read task
+        emb = CorpusEmbeddings(reader.corpus_dir, embeddings, decode_threads=cfg.decode_threads)
+        per_batch += cfg.batch_size * cfg.set_size * 2 * emb.dim * 4
+        transform = SetsWithEmbeddings(reader, cfg.set_size, emb)
     ds = _dataset(read, units_for, per_batch, position,
                   transform or DenseSets(reader, cfg.set_size), len(units0), board)
     return Stream(ds, list(reader.genes), plan.labels, n_batches, cfg.batch_size, world_size,
                   cfg, reader)
 
+
+class SetsWithEmbeddings(DenseSets):
+    """:class:`DenseSets` plus each cell's stored embedding: ``ctrl_emb`` and ``pert_emb``
+    [S, E] float32 per set, gathered from ``CorpusEmbeddings`` (``obsm/<key>`` of the stores)
+    with the cells' ``ctrl_store``/``ctrl_row`` and ``pert_store``/``pert_row``. For ST models
+    in SE embedding space; the gene-space ``ctrl``/``pert`` stay (targets, decoder losses)."""
+
+    def __init__(self, reader: CorpusReader, set_size: int, embeddings):
+        super().__init__(reader, set_size)
+        self.embeddings = embeddings  # vcc_dist.data.embeddings.CorpusEmbeddings
+
+    def allocate(self, n: int) -> dict[str, np.ndarray]:
+        out = super().allocate(n)
+        E = self.embeddings.dim
+        out["ctrl_emb"] = np.empty((n, self.S, E), np.float32)
+        out["pert_emb"] = np.empty((n, self.S, E), np.float32)
+        return out
+
+    def fill(self, d: dict[str, Any], out: dict[str, np.ndarray]) -> None:
+        super().fill(d, out)
+        n, S, E = out["ctrl"].shape[0], self.S, self.embeddings.dim
+        for name in ("ctrl", "pert"):
+            self.embeddings.gather(np.asarray(d[f"{name}_store"]).reshape(-1),
+                                   np.asarray(d[f"{name}_row"]).reshape(-1),
+                                   out=out[f"{name}_emb"].reshape(n * S, E))

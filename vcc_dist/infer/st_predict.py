@@ -202,7 +202,7 @@ def resolve_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:
     ref = p / f"{which}_checkpoint.json"
     if ref.is_file():
         return Path(json.loads(ref.read_text())["path"])
-    raise FileNotFoundError(f"{p} is neither an ST checkpoint (no manifest.json) nor a finished "
+    raise FileNotFoundError(f"{p} is neither a checkpoint (no manifest.json) nor a finished "
                             f"run directory (no {ref.name}); pass a checkpoint_* directory")
 
 
@@ -211,10 +211,8 @@ def load_st_checkpoint(path: str | os.PathLike, which: str = "best") -> LoadedST
     group: DeepSpeed's own ZeRO-to-fp32 reconstruction for stages 1-3."""
     import json
 
-    import torch
-
     from vcc_dist.models.st import STConfig, STModel
-    from vcc_dist.train.engine import _ensure_cpu_accelerator
+    from vcc_dist.train.engine import fp32_state_dict
     from vcc_dist.train.st import CHECKPOINT_KIND, DS_DIR, DS_TAG, FEATURES, MANIFEST
 
     ck = resolve_checkpoint(path, which)
@@ -222,19 +220,8 @@ def load_st_checkpoint(path: str | os.PathLike, which: str = "best") -> LoadedST
     if man.get("kind") != CHECKPOINT_KIND:
         raise ValueError(f"{ck} is not an ST checkpoint (kind {man.get('kind')!r})")
     model = STModel(STConfig.from_dict(man["model_config"]))
-    ds = ck / DS_DIR
     stage = int(man["train_config"]["engine"].get("zero_stage", 2))
-    if stage == 0:
-        sd = torch.load(ds / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
-                        weights_only=False)["module"]
-    else:
-        _ensure_cpu_accelerator()
-        from deepspeed.utils.zero_to_fp32 import (
-            get_fp32_state_dict_from_zero_checkpoint,
-        )
-
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ds), tag=DS_TAG)
-    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    model.load_state_dict(fp32_state_dict(ck / DS_DIR, DS_TAG, stage))
     model.eval()
     return LoadedST(model, man, np.load(ck / FEATURES), ck)
 
@@ -288,7 +275,12 @@ def predict_context(loaded: LoadedST, corpus: str | os.PathLike, context: str,
     rng = np.random.default_rng(seed)
     k = np.arange(pool.n) if pool.n <= max_set_controls else np.sort(
         rng.choice(pool.n, max_set_controls, replace=False))
-    ctrl = reader.dense(reader.read_many(all_st[k], all_rw[k], normalize=True))
+    if man.get("embeddings"):  # ST on SE: the controls' SE embeddings are the input
+        from vcc_dist.train.st import _gather_embeddings
+
+        ctrl = _gather_embeddings(str(corpus), man["embeddings"], all_st[k], all_rw[k])
+    else:
+        ctrl = reader.dense(reader.read_many(all_st[k], all_rw[k], normalize=True))
     ctrl_batch = (control_batches(reader, plan.labels, all_st[k], all_rw[k], loaded.manifest)
                   if loaded.model.cfg.n_batches else None)
     S = int(man["model_config"]["cell_set_len"])

@@ -301,3 +301,19 @@ def load_checkpoint(engine, directory: str | os.PathLike, tag: str | None = None
     if path is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint with tag {tag!r} in {directory}")
     return dict(client_state or {})
+
+
+def fp32_state_dict(directory: str | os.PathLike, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The full fp32 model state of a checkpoint saved by :func:`save_checkpoint` (any ZeRO
+    stage, any number of ranks), without a process group: DeepSpeed's own ZeRO-to-fp32
+    reconstruction for stages 1-3 (buffers included), the single model file for stage 0."""
+    directory = Path(directory)
+    if zero_stage == 0:
+        sd = torch.load(directory / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)["module"]
+    else:
+        _ensure_cpu_accelerator()
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+    return {k: v.float() for k, v in sd.items()}

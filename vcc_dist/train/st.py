@@ -43,35 +43,32 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vcc_dist.data.plans import SetStreamConfig, StreamPosition
+from vcc_dist.data.plans import SetStreamConfig
 from vcc_dist.train.engine import EngineConfig, OptimConfig
+from vcc_dist.train.loop import (  # noqa: F401  (re-exported: jobs and tests use them here)
+    DS_DIR,
+    DS_TAG,
+    MANIFEST,
+    CheckpointMismatch,
+    LoopHooks,
+    Schedule,
+    atomic_json,
+    latest_checkpoint,
+    parse_overrides,
+    recipe_dict,
+)
+from vcc_dist.train.loop import from_dict_checked as _from_dict
 
 LOSSES = ("energy", "sinkhorn", "mse")
 CHECKPOINT_KIND = "vcc-dist/st-checkpoint"
-MANIFEST = "manifest.json"
 FEATURES = "features.npy"
-DS_DIR, DS_TAG = "deepspeed", "state"
-
-
-class CheckpointMismatch(ValueError):
-    """A checkpoint does not fit the corpus, split or features it is used with."""
-
-
-def _from_dict(cls, d: dict, what: str):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"unknown {what} option(s) {unknown}; valid: {sorted(known)}")
-    return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -108,6 +105,10 @@ class STTrainConfig:
     record_batches: bool = False           # workers/batches.jsonl: every (rank, epoch, step) consumed
     wandb: dict = field(default_factory=dict)   # vcc_dist.train.runlog.WandbConfig fields
     name: str = ""                         # run name (default: basename of run_dir)
+    # ST on SE: the obsm key of the corpus's cell embeddings (jobs/embed_cells.py). Control and
+    # perturbed sets are then embeddings, the model works in embedding space and its gene
+    # decoder maps predictions to genes (trained with decoder_weight x the loss on genes).
+    embeddings: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", tuple(self.features))
@@ -196,6 +197,16 @@ _RECIPES: dict[str, dict[str, Any]] = {
              "features": ["transfer", "onehot"], "epochs": 8,
              "optim": {"lr": 3e-4, "weight_decay": 0.01}, "engine": {"zero_stage": 2},
              "log_every": 10},
+    # ST on SE embeddings (needs jobs/embed_cells.py first): the demo's set transformer in
+    # embedding space, a delta on the control embeddings, and a gene decoder
+    "demo_se": {"preset": "debug", "embeddings": "X_se",
+                "model": {"hidden_dim": 256, "n_encoder_layers": 2, "n_decoder_layers": 2,
+                          "n_layers": 2, "n_heads": 4, "ffn_dim": 512, "cell_set_len": 32,
+                          "residual": "input", "gene_decoder_hidden": [512, 1024]},
+                "data": {"batch_size": 8, "block_rows": 8},
+                "features": ["transfer", "onehot"], "epochs": 8, "decoder_weight": 1.0,
+                "optim": {"lr": 3e-4, "weight_decay": 0.01}, "engine": {"zero_stage": 2},
+                "log_every": 10},
     # STATE's state_sm shape (set 128, hidden 672, 4+4 MLP layers, 4 Llama layers x 8 heads),
     # STATE's VCC batch of 16 sets
     "state_sm": {"preset": "state_sm", "data": {"batch_size": 16, "block_rows": 32},
@@ -205,64 +216,11 @@ _RECIPES: dict[str, dict[str, Any]] = {
 RECIPES = tuple(_RECIPES)
 
 
-def _set_dotted(d: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    cur = d
-    for p in parts[:-1]:
-        cur = cur.setdefault(p, {})
-        if not isinstance(cur, dict):
-            raise ValueError(f"override {key!r}: {p!r} is not a section")
-    cur[parts[-1]] = value
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` strings (dotted keys into sections, values parsed as JSON when they
-    parse, else kept as strings) -> a nested dict."""
-    out: dict[str, Any] = {}
-    for p in pairs:
-        if "=" not in p:
-            raise ValueError(f"override {p!r} is not key=value (e.g. optim.lr=3e-4)")
-        k, v = p.split("=", 1)
-        try:
-            val = json.loads(v)
-        except json.JSONDecodeError:
-            val = v
-        _set_dotted(out, k.strip(), val)
-    return out
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def st_recipe(recipe: str | os.PathLike, overrides: dict | None = None, **top: Any) -> STTrainConfig:
     """A complete config from a named recipe (``RECIPES``) or a JSON/YAML recipe file (e.g.
     the best config a Tune sweep wrote), merged with nested ``overrides`` and top-level
     keyword values (corpus, split, run_dir, ...)."""
-    if str(recipe) in _RECIPES:
-        base = json.loads(json.dumps(_RECIPES[str(recipe)]))
-    else:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ValueError(f"recipe {str(recipe)!r} is neither a named recipe {RECIPES} nor a "
-                             "file")
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            base = yaml.safe_load(text)
-        else:
-            base = json.loads(text)
-        if not isinstance(base, dict):
-            raise ValueError(f"recipe file {path} must hold a mapping of options")
-    d = _merge(base, overrides or {})
-    d = _merge(d, {k: v for k, v in top.items() if v is not None})
-    missing = [k for k in ("corpus", "run_dir") if not d.get(k)]
-    if missing:
-        raise ValueError(f"the config needs {missing} (e.g. --corpus, --run-dir)")
+    d = recipe_dict(recipe, _RECIPES, overrides, top)
     d.setdefault("split", None)
     return STTrainConfig.from_dict(d)
 
@@ -288,6 +246,7 @@ class Prep:
     baselines: dict               # name -> aggregated val metrics
     steps_per_epoch: int
     batches_per_epoch: int
+    embeddings: dict | None = None  # ST on SE: {"key", "dim", "model"} of the cell embeddings
 
     def manifest(self) -> dict:
         return {"model_config": self.model_config, "genes": self.genes, "labels": self.labels,
@@ -295,7 +254,7 @@ class Prep:
                 "corpus_fingerprint": self.corpus_fingerprint,
                 "normalization": self.normalization, "val": self.val,
                 "baselines": self.baselines, "steps_per_epoch": self.steps_per_epoch,
-                "batches_per_epoch": self.batches_per_epoch}
+                "batches_per_epoch": self.batches_per_epoch, "embeddings": self.embeddings}
 
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -308,21 +267,11 @@ class Prep:
         m = json.loads((d / "prep.json").read_text())
         return cls(d, m["model_config"], m["genes"], m["labels"], np.load(d / FEATURES),
                    m["feature_sources"], m["corpus_fingerprint"], m["normalization"], m["val"],
-                   m["baselines"], m["steps_per_epoch"], m["batches_per_epoch"])
+                   m["baselines"], m["steps_per_epoch"], m["batches_per_epoch"],
+                   m.get("embeddings"))
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_default(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+_atomic_json = atomic_json
 
 
 def _prep_key(cfg: STTrainConfig) -> dict:
@@ -330,7 +279,17 @@ def _prep_key(cfg: STTrainConfig) -> dict:
             "features": list(cfg.features), "data": dataclasses.asdict(cfg.stream_config()),
             "val": [cfg.val_role, cfg.val_max_cells, cfg.val_max_controls],
             "pb": cfg.pseudobulk_max_cells, "model": cfg.model, "preset": cfg.preset,
-            "workers": cfg.num_workers, "seed": cfg.seed}
+            "workers": cfg.num_workers, "seed": cfg.seed, "embeddings": _embedding_state(cfg)}
+
+
+def _embedding_state(cfg: STTrainConfig) -> dict | None:
+    """The corpus embeddings' manifests (a re-embedded corpus invalidates the prep cache)."""
+    if not cfg.embeddings:
+        return None
+    from vcc_dist.data.embeddings import embedding_status
+
+    st = embedding_status(cfg.corpus, cfg.embeddings)
+    return json.loads(json.dumps({"key": cfg.embeddings, "stores": st}, default=str))
 
 
 def prepare(cfg: STTrainConfig, *, progress: bool = False) -> Prep:
@@ -360,13 +319,21 @@ def prepare(cfg: STTrainConfig, *, progress: bool = False) -> Prep:
     model_over = {k: v for k, v in cfg.model.items() if k not in ("n_genes", "pert_dim")}
     if model_over.get("n_batches") == "auto":  # one embedding per experimental batch
         model_over["n_batches"] = len(labels.batches)
+    emb = None
+    if cfg.embeddings:
+        from vcc_dist.data.embeddings import CorpusEmbeddings
+
+        ce = CorpusEmbeddings(cfg.corpus, cfg.embeddings)  # clear error if a store lacks them
+        emb = {"key": cfg.embeddings, "dim": int(ce.dim), "model": ce.meta}
+        model_over = {"output_space": "embedding", "embed_dim": int(ce.dim),
+                      "gene_decoder": True, **model_over}
+    elif model_over.get("output_space", "genes") != "genes":
+        raise ValueError("output_space='embedding' trains on SE cell embeddings: set "
+                         "embeddings=<obsm key> (e.g. X_se, written by jobs/embed_cells.py)")
     mcfg = st_preset(cfg.preset, n_genes=reader.n_genes, pert_dim=table.dim, **model_over)
     if mcfg.feature_shift and cfg.features[0] != "transfer":
         raise ValueError("model.feature_shift adds the first features to the prediction: they "
                          "must be 'transfer' (put it first in features)")
-    if mcfg.output_space != "genes":
-        raise ValueError("output_space='embedding' trains on SE cell embeddings, which the "
-                         "corpus gets from jobs/embed_cells.py (SE issue); use 'genes' here")
     units = plan.epoch_units("train", 0, cfg.num_workers)
     n_batches = sum(u.n_batches for u in units)
     spe = (n_batches // cfg.num_workers) // cfg.optim_config(2).grad_accum_steps
@@ -390,7 +357,8 @@ def prepare(cfg: STTrainConfig, *, progress: bool = False) -> Prep:
             "store_targets": None if reader.store_targets is None
             else [float(x) for x in reader.store_targets], "corpus_median": reader.target_sum}
     prep = Prep(d, mcfg.to_dict(), list(reader.genes), labels.to_json(), table.table,
-                table.sources, corpus_fingerprint(reader), norm, val, baselines, spe, n_batches)
+                table.sources, corpus_fingerprint(reader), norm, val, baselines, spe, n_batches,
+                emb)
     prep.save()
     _atomic_json(d / "key.json", key)
     return prep
@@ -459,6 +427,9 @@ class _Validator:
         reader = CorpusReader(cfg.corpus, genes=prep.genes, target_sum=cfg.stream_config().target_sum)
         cst, crw = (np.asarray(a) for a in v["control"])
         self.ctrl = _dense(reader, cst, crw)
+        # the model's input: gene values, or the controls' SE embeddings (ST on SE)
+        self.ctrl_in = (self.ctrl if not prep.embeddings else
+                        _gather_embeddings(cfg.corpus, prep.embeddings, cst, crw))
         self.perts = list(v["perts"])
         self.counts = [len(c[1]) for c in v["cells"]]
         self.ctrl_batch = None
@@ -480,7 +451,7 @@ class _Validator:
         from vcc_dist.infer.st_predict import run_sets
         from vcc_dist.metrics import vcc
 
-        mine = list(run_sets(forward, self.plan, self.ctrl, self.feats,
+        mine = list(run_sets(forward, self.plan, self.ctrl_in, self.feats,
                              sets_per_batch=self.cfg.val_sets_per_batch, rank=self.rank,
                              world_size=self.world, batch_index=self.ctrl_batch))
         parts = [None] * self.world if self.world > 1 else [mine]
@@ -501,6 +472,19 @@ class _Validator:
         return out
 
 
+def _gather_embeddings(corpus: str, emb: dict, st: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Cell embeddings of (store, row) pairs, checked to be the ones the model trained on."""
+    from vcc_dist.data.embeddings import CorpusEmbeddings
+
+    ce = CorpusEmbeddings(corpus, emb["key"])
+    if ce.dim != emb["dim"] or ce.meta != emb["model"]:
+        raise CheckpointMismatch(
+            f"the corpus's {emb['key']!r} embeddings were made by another SE model "
+            f"({ce.meta.get('checkpoint')}) than the ST model was trained on "
+            f"({emb['model'].get('checkpoint')}); re-run jobs/embed_cells.py with that checkpoint")
+    return ce.gather(np.asarray(st), np.asarray(rows))
+
+
 def _check_resume(manifest: dict, prep: Prep) -> None:
     """Refuse to resume a run whose checkpoint was made with other data or features."""
     pm = prep.manifest()
@@ -516,7 +500,7 @@ def _check_resume(manifest: dict, prep: Prep) -> None:
     for key, what in (("corpus_fingerprint", "corpus"), ("genes", "gene vocabulary"),
                       ("labels", "perturbation/context labels"),
                       ("feature_shape", "perturbation feature table shape"),
-                      ("model_config", "model config")):
+                      ("model_config", "model config"), ("embeddings", "cell embeddings")):
         if manifest.get(key) != pm.get(key):
             raise CheckpointMismatch(
                 f"the run's latest checkpoint was trained with another {what} than this "
@@ -527,185 +511,74 @@ def train_loop_per_worker(config: dict) -> dict | None:
     """Ray Train worker function (see the module docstring)."""
     import ray.train
     import torch
-    import torch.distributed as dist
 
-    from vcc_dist.data.streams import set_board
     from vcc_dist.infer.st_predict import make_forward
     from vcc_dist.models.losses import st_loss
     from vcc_dist.models.st import STConfig, STModel
-    from vcc_dist.train.engine import build_engine, load_checkpoint, save_checkpoint
-    from vcc_dist.train.runlog import RunLogger, WandbConfig
+    from vcc_dist.train.engine import build_engine
+    from vcc_dist.train.loop import worker_loop
 
     cfg = STTrainConfig.from_dict(config["cfg"])
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     prep = Prep.load(config["prep_dir"])
-    board = config["board"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    run_dir = Path(cfg.run_dir)
-    # observability (and the kill-a-worker test): each rank's process id
-    (run_dir / "workers").mkdir(parents=True, exist_ok=True)
-    (run_dir / "workers" / f"rank{rank}.pid").write_text(str(os.getpid()))
 
     mcfg = STConfig.from_dict(prep.model_config)
-    model = STModel(mcfg)
     optim_cfg = OptimConfig(**config["optim"])
-    engine, _ = build_engine(model, cfg.engine_config(), optim_cfg,
-                             micro_batch_size=cfg.stream_config().batch_size)
+    B = cfg.stream_config().batch_size
+    engine, _ = build_engine(STModel(mcfg), cfg.engine_config(), optim_cfg, micro_batch_size=B)
     device = engine.device
     dtype = next(engine.module.parameters()).dtype
     feats = torch.from_numpy(prep.features).to(device)
-    accum = optim_cfg.grad_accum_steps
-    B = cfg.stream_config().batch_size
     S = mcfg.cell_set_len
-    max_steps = config["max_steps"]
 
-    state = {"epoch": 0, "consumed": [], "step": 0, "best_score": None}
-    resumed = False
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            man = json.loads((Path(d) / MANIFEST).read_text())
-            _check_resume(man, prep)
-            client = load_checkpoint(engine, Path(d) / DS_DIR, tag=DS_TAG)
-            state = dict(client["trainer"])
-            resumed = True
+    on_se = bool(prep.embeddings)
 
-    logger = RunLogger(run_dir, run_name=cfg.run_name, config=cfg.to_dict(),
-                       wandb=WandbConfig.from_dict(cfg.wandb), enabled=rank == 0,
-                       resume_step=state["step"] if resumed else None)
-    if rank == 0 and resumed:
-        print(f"[st] resumed from step {state['step']} (epoch {state['epoch']}, "
-              f"{len(state['consumed'])} batches of it done)", flush=True)
-    validator = _Validator(prep, cfg, rank, world) if prep.val else None
-    shard = ray.train.get_dataset_shard("train")
-
-    step = int(state["step"])
-    last_val: dict[str, float] = {}
-
-    def checkpoint(epoch_next: int, consumed: list[int]) -> None:
-        nonlocal last_val
-        metrics: dict[str, Any] = {"step": step, "epoch": epoch_next}
-        if validator is not None:
-            engine.eval()
-            vals = validator(make_forward(engine.module, device=device, dtype=dtype))
-            engine.train()
-            if rank == 0:
-                last_val = vals
-                logger.log(step, vals, kind="val")
-                metrics.update({f"val_{k}": v for k, v in vals.items()})
-                if state["best_score"] is None or vals["score"] > state["best_score"]:
-                    state["best_score"] = vals["score"]
-        score = metrics.get("val_score", float(step))
-        best = [state["best_score"]]
-        if world > 1:
-            dist.broadcast_object_list(best, src=0)
-            score_l = [score]
-            dist.broadcast_object_list(score_l, src=0)
-            score = score_l[0]
-        state["best_score"] = best[0]
-        trainer_state = {"epoch": epoch_next, "consumed": sorted(consumed), "step": step,
-                         "best_score": state["best_score"]}
-        with tempfile.TemporaryDirectory(prefix="vcc-st-ckpt-") as tmp:
-            save_checkpoint(engine, Path(tmp) / DS_DIR, DS_TAG, {"trainer": trainer_state})
-            if rank == 0:
-                np.save(Path(tmp) / FEATURES, prep.features)
-                _atomic_json(Path(tmp) / MANIFEST, {
-                    "kind": CHECKPOINT_KIND, **prep.manifest(), "train_config": cfg.to_dict(),
-                    "optim": config["optim"], "trainer_state": trainer_state,
-                    "val_metrics": last_val, "saved_at": time.time()})
-            metrics["score"] = score  # the checkpoint ranking (validation score, else step)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-    def record(obj: dict) -> None:
-        if cfg.record_batches:
-            with open(run_dir / "workers" / "batches.jsonl", "a") as fh:
-                fh.write(json.dumps({"pid": os.getpid(), "rank": rank, **obj}) + "\n")
-
-    if resumed:
-        record({"event": "resume", "epoch": state["epoch"], "consumed": state["consumed"],
-                "step": state["step"]})
-    t_last, cells_since, t_start = time.perf_counter(), 0, time.perf_counter()
-    done = step >= max_steps
-    epoch = int(state["epoch"])
-    while not done and epoch < cfg.epochs:
-        consumed_before = list(state["consumed"]) if epoch == state["epoch"] else []
-        if rank == 0:
-            set_board(board, StreamPosition(epoch, tuple(consumed_before)))
-        if world > 1:
-            dist.barrier()
-        mine: list[int] = []
-        micro = 0
-        for batch in shard.iter_torch_batches(batch_size=B):
-            ctrl = batch["ctrl"].to(device=device, dtype=dtype)
-            target = batch["pert"].to(device=device, dtype=dtype)
-            f = feats[batch["context_index"].long().to(device), batch["pert_index"].long().to(device)]
-            # each predicted cell keeps the batch of the control cell it comes from
-            bidx = batch["ctrl_cell_batch"].long().to(device) if mcfg.n_batches else None
-            out = engine(ctrl, f.to(dtype), bidx)
+    def step(batch: dict):
+        # ST on SE: sets of SE embeddings in, embeddings out, the gene decoder's output
+        # compared with the perturbed cells' genes
+        ctrl = batch["ctrl_emb" if on_se else "ctrl"].to(device=device, dtype=dtype)
+        target = batch["pert_emb" if on_se else "pert"].to(device=device, dtype=dtype)
+        f = feats[batch["context_index"].long().to(device), batch["pert_index"].long().to(device)]
+        # each predicted cell keeps the batch of the control cell it comes from
+        bidx = batch["ctrl_cell_batch"].long().to(device) if mcfg.n_batches else None
+        out = engine(ctrl, f.to(dtype), bidx)
+        if on_se:
+            rec = st_loss(out["pred"].float(), target.float(), kind=cfg.loss,
+                          weights={"main": 1.0, "decoder": cfg.decoder_weight},
+                          pred_genes=out["pred_genes"].float(),
+                          target_genes=batch["pert"].to(device=device, dtype=torch.float32))
+        else:
             rec = st_loss(out["pred"].float(), target.float(), kind=cfg.loss,
                           weights={"main": 1.0})
-            engine.backward(rec.total)
-            engine.step()
-            ids = [int(s) for s in torch.unique(batch["step"]).tolist()]
-            mine.extend(ids)
-            record({"event": "batch", "epoch": int(batch["epoch"][0]), "steps": ids})
-            micro += 1
-            cells_since += B * S
-            if micro % accum:
-                continue
-            step += 1
-            if step >= max_steps:
-                done = True
-            if step % cfg.log_every == 0 or step == 1 or done:
-                vec = torch.tensor([rec.total.item(), *[v.item() for v in rec.parts.values()]])
-                if world > 1:
-                    dist.all_reduce(vec)
-                    vec /= world
-                now = time.perf_counter()
-                if rank == 0:
-                    gn = engine.get_global_grad_norm()
-                    logger.log(step, {
-                        "loss": float(vec[0]), **{f"loss/{k}": float(x) for k, x in
-                                                  zip(rec.parts, vec[1:].tolist())},
-                        "lr": float(engine.get_lr()[0]),
-                        "grad_norm": float(gn) if gn is not None else float("nan"),
-                        "cells_per_s_worker": cells_since / max(now - t_last, 1e-9),
-                        "epoch": epoch}, kind="train")
-                t_last, cells_since = now, 0
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not done:
-                gathered = [None] * world
-                if world > 1:
-                    dist.all_gather_object(gathered, mine)
-                else:
-                    gathered = [mine]
-                allc = sorted(set(consumed_before).union(*[set(g) for g in gathered]))
-                checkpoint(epoch, allc)
-            if done:
-                break
-        epoch += 1
-        state["epoch"], state["consumed"] = epoch, []
-        checkpoint(epoch, [])  # end of epoch (or of training): validate and keep
-    logger.summary(step=step, best_val_score=state["best_score"],
-                   wall_s=time.perf_counter() - t_start,
-                   **{f"val_{k}": v for k, v in last_val.items()})
-    png = logger.finish(baselines=prep.baselines or None)
-    if rank == 0:
-        return {"step": step, "best_val_score": state["best_score"], "last_val": last_val,
-                "curves": str(png) if png else None}
-    return None
+        return rec, {"cells": B * S}
+
+    validator = _Validator(prep, cfg, rank, world) if prep.val else None
+
+    def validate() -> dict[str, float]:
+        return validator(make_forward(engine.module, device=device, dtype=dtype))
+
+    def write_files(d: Path) -> None:
+        np.save(d / FEATURES, prep.features)
+
+    hooks = LoopHooks(step=step, manifest=prep.manifest(),
+                      validate=validate if validator is not None else None,
+                      score=lambda v: v["score"], check_resume=lambda m: _check_resume(m, prep),
+                      write_files=write_files, baselines=prep.baselines or None,
+                      kind=CHECKPOINT_KIND, tag="st")
+    shard = ray.train.get_dataset_shard("train")
+    sched = Schedule(cfg.epochs, config["max_steps"], cfg.checkpoint_every, cfg.log_every,
+                     optim_cfg.grad_accum_steps, cfg.record_batches, prep.batches_per_epoch)
+    return worker_loop(engine, lambda: shard.iter_torch_batches(batch_size=B), config["board"],
+                       sched, hooks, run_dir=cfg.run_dir, run_name=cfg.run_name,
+                       config=cfg.to_dict(), wandb=cfg.wandb, optim=config["optim"])
 
 
 # ---------------------------------------------------------------------------------------------
 # the driver
 # ---------------------------------------------------------------------------------------------
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint of a run directory (None if there is none)."""
-    found = [p for p in Path(run_dir).glob("checkpoint_*") if (p / MANIFEST).is_file()]
-    return max(found, key=lambda p: p.name) if found else None
 
 
 @dataclass
@@ -722,11 +595,10 @@ class STResult:
 def train_st(cfg: STTrainConfig, *, progress: bool = True) -> STResult:
     """Run (or resume) one ST training run; see the module docstring."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from vcc_dist.data.streams import position_board, set_stream
     from vcc_dist.ray_utils import ensure_ray
+    from vcc_dist.train.loop import fit, new_board_name
 
     t0 = time.perf_counter()
     run_dir = Path(cfg.run_dir).resolve()
@@ -744,37 +616,19 @@ def train_st(cfg: STTrainConfig, *, progress: bool = True) -> STResult:
         _check_resume(json.loads((latest / MANIFEST).read_text()), prep)
 
     ensure_ray()
-    board = f"vcc-st-board-{uuid.uuid4().hex[:12]}"
+    board = new_board_name("st")
     board_actor = position_board(board)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(progress)
     stream = set_stream(cfg.corpus, cfg.stream_config(), split=cfg.split, role="train",
-                        world_size=cfg.num_workers, board=board)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "prep_dir": str(prep.dir), "board": board,
-                           "optim": optim.to_dict(), "max_steps": total},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(
-            name=run_dir.name, storage_path=str(run_dir.parent),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
-                                               checkpoint_score_attribute="score",
-                                               checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=cfg.max_failures)),
-        datasets={"train": stream.dataset},
-    )
-    try:
-        result = trainer.fit()
-    finally:
-        ray.kill(board_actor)
-    latest = Path(result.checkpoint.path) if result.checkpoint else None
-    best = None
-    if result.best_checkpoints:
-        ck, _ = max(result.best_checkpoints, key=lambda cm: cm[1].get("score", -math.inf))
-        best = Path(ck.path)
-    for name, p in (("best", best), ("latest", latest)):
-        if p is not None:
-            _atomic_json(run_dir / f"{name}_checkpoint.json", {"path": str(p)})
-    return STResult(run_dir, best, latest, dict(result.metrics or {}), result.return_value,
-                    prep, time.perf_counter() - t0)
+                        world_size=cfg.num_workers, board=board,
+                        **({"embeddings": cfg.embeddings} if cfg.embeddings else {}))
+    res = fit(train_loop_per_worker,
+              {"cfg": cfg.to_dict(), "prep_dir": str(prep.dir), "board": board,
+               "optim": optim.to_dict(), "max_steps": total},
+              run_dir=run_dir, datasets={"train": stream.dataset}, num_workers=cfg.num_workers,
+              cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.use_gpu,
+              keep_checkpoints=cfg.keep_checkpoints, max_failures=cfg.max_failures,
+              board_actor=board_actor)
+    return STResult(run_dir, res.best_checkpoint, res.latest_checkpoint, res.metrics,
+                    res.return_value, prep, time.perf_counter() - t0)
