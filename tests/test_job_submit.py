@@ -1,5 +1,5 @@
 """The cluster path: `ray start --head` in the background, `ray job submit --working-dir .`
-of jobs/train_st.py, success checked, the head stopped by its own PID (never `ray stop`,
+of jobs/train_st.py and jobs/pretrain_se.py, success checked, the head stopped by its own PID (never `ray stop`,
 which would end every Ray process on the host). Token authentication stays on (Ray 2.60's
 default): the CLI finds the token the head wrote."""
 
@@ -27,7 +27,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ray_job_submit_train_st(tiny_corpus, tmp_path):
+def test_ray_job_submit_train_st_and_pretrain_se(tiny_corpus, tmp_path):
     sim, corpus = tiny_corpus
     bindir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
@@ -65,6 +65,24 @@ def test_ray_job_submit_train_st(tiny_corpus, tmp_path):
         assert p.returncode == 0, out[-4000:]
         assert "succeeded" in out and "best checkpoint" in out
         assert (run / "best_checkpoint.json").is_file() and (run / "metrics_val.csv").is_file()
+        # the headline job, on the same cluster
+        import torch
+
+        from vcc_dist.data.corpus import load_manifest
+
+        table = tmp_path / "genes.pt"
+        torch.save({g: torch.randn(16) for g in load_manifest(corpus).genes}, table)
+        se_run = tmp_path / "se_run"
+        p = subprocess.run(
+            [os.path.join(bindir, "ray"), "job", "submit", "--address", address,
+             "--working-dir", str(ROOT), "--", "python", "jobs/pretrain_se.py", "--recipe",
+             "debug", "--corpus", str(corpus), "--gene-table", str(table), "--run-dir",
+             str(se_run), "--max-steps", "4", "--no-progress", "--wandb", "offline"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+        out = p.stdout + p.stderr
+        assert p.returncode == 0, out[-4000:]
+        assert "succeeded" in out and "best checkpoint" in out
+        assert (se_run / "best_checkpoint.json").is_file() and (se_run / "metrics_val.csv").is_file()
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
