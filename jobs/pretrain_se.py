@@ -23,7 +23,8 @@ Options:
   --cpus-per-worker C   CPUs each worker reserves (default 1; the rest tokenise in Ray Data)
   --use-gpu             one GPU per worker (bf16 with the default precision "auto")
   --epochs N, --max-steps N, --checkpoint-every N (optimizer steps; 0 = per epoch)
-  --zero-stage S        DeepSpeed ZeRO stage 0-3 (default 3)
+  --zero-stage S        DeepSpeed ZeRO stage 0-3 (default 3 with several workers, 0 with one:
+                        nothing to shard); under ZeRO-3 parameters are partitioned as built
   --max-failures N      worker-group restarts after a failure (default 2)
   --wandb MODE          auto (online if credentials exist, else offline), online, offline,
                         disabled; --wandb-project NAME

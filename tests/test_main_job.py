@@ -1,5 +1,5 @@
-"""README command one: the main job end to end on an embedded local Ray, then a rerun that
-skips every completed stage."""
+"""README command one: the main job end to end on an embedded local Ray (every stage, with the
+debug recipes: --quick), then a rerun that skips every completed stage."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(out: Path) -> str:
+def _run(out: Path, *extra: str) -> str:
     p = subprocess.run([sys.executable, str(ROOT / "jobs" / "main.py"), "--out", str(out),
-                        "--preset", "tiny", "--num-cpus", "2", "--no-progress"],
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout + p.stderr
+                        "--preset", "tiny", "--num-cpus", "2", "--no-progress", "--quick",
+                        *extra], capture_output=True, text=True, timeout=1500)
+    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-6000:]
     return p.stdout
 
 
@@ -25,7 +25,7 @@ def _run(out: Path) -> str:
 def test_main_job_end_to_end_and_rerun_skips(tmp_path):
     out = tmp_path / "run"
     log = _run(out)
-    assert "[2/5] convert: 3 h5ad file(s)" in log and "[3/5] validate: OK" in log
+    assert "[2/12] convert: 3 h5ad file(s)" in log and "[3/12] validate: OK" in log
     summary = json.loads((out / "statistics" / "summary.json").read_text())
     manifest = json.loads((out / "corpus" / "corpus.json").read_text())
     assert manifest["status"] == "complete" and len(manifest["stores"]) == 3
@@ -35,6 +35,23 @@ def test_main_job_end_to_end_and_rerun_skips(tmp_path):
     scores = json.loads((out / "baselines" / "scores.json").read_text())
     assert [r["baseline"] for r in scores["scores"]] == ["cell-mean", "context-mean", "ridge"]
     assert "## Baselines on the held-out context" in report
+    # the later stages: gene embeddings, SE, cell embeddings, ST (genes, SE), Tune, predictions
+    assert (out / "esm" / "gene_embeddings.pt").is_file()
+    assert (out / "se" / "best_checkpoint.json").is_file() and (out / "se" / "curves.png").is_file()
+    assert (out / "se" / "cells_state.h5ad").is_file()
+    for name in ("st", "st_se"):
+        assert (out / name / "best_checkpoint.json").is_file()
+    assert (out / "tune" / "trials.csv").is_file() and (out / "tune" / "best_recipe.json").is_file()
+    pred = json.loads((out / "predictions" / "scores.json").read_text())
+    models = {r["model"] for r in pred["rows"]}
+    assert {"cell-mean", "context-mean", "ridge", "ST (genes)", "ST on SE",
+            "ST, best Tune trial"} <= models
+    assert "## Models and baselines on the held-out context" in report
+    assert "![SE pretraining](se/curves.png)" in report and "tune/sweep.png" in report
     log2 = _run(out)
-    assert "simulate: up to date, skipped" in log2 and "convert: corpus complete, skipped" in log2
-    assert "baselines: up to date, skipped" in log2
+    for stage in ("simulate: up to date, skipped", "convert: corpus complete, skipped",
+                  "baselines: up to date, skipped", "esm: up to date, skipped",
+                  "se: up to date, skipped", "embed: up to date, skipped",
+                  "st: up to date, skipped", "st_se: up to date, skipped",
+                  "tune: up to date, skipped"):
+        assert stage in log2, (stage, log2[-3000:])

@@ -84,3 +84,29 @@ def score_baselines(h5ads, split_path, out_dir, *, kinds=KINDS, features=None,
         "scores": rows}, indent=2) + "\n")
     tmp.replace(out / "scores.json")
     return table
+
+
+def score_predictions(real_path, preds: dict, perts=None, *, reference: str = "cell-mean"
+                      ) -> list[dict]:
+    """Score prediction files (name -> .h5ad) against one real file, all restricted to
+    ``perts`` (plus controls) when given; the score uses ``preds[reference]`` as its 0 (the
+    challenge's cell-mean reference). Rows: model, DES, PDS, MAE, score (x 100)."""
+    def restrict(a):
+        lab = a.obs[PERT_KEY].astype(str).to_numpy()
+        keep = (lab == CONTROL_LABEL) | (np.isin(lab, sorted(perts)) if perts is not None
+                                         else True)
+        return a[keep].copy()
+
+    if reference not in preds:
+        raise ValueError(f"the reference {reference!r} is not among the predictions "
+                         f"{sorted(preds)}")
+    real_s = vcc.summarize(restrict(ad.read_h5ad(real_path)), what="real")
+    sums = {k: vcc.summarize(restrict(ad.read_h5ad(p)), what=k) for k, p in preds.items()}
+    ref = vcc.evaluate(real_s, sums[reference]).agg
+    rows = []
+    for k, s in sums.items():
+        ev = vcc.evaluate(real_s, s, baseline_agg=ref)
+        rows.append({"model": k, "DES": float(ev.agg["overlap_at_N"]),
+                     "PDS": float(ev.agg["discrimination_score_l1"]),
+                     "MAE": float(ev.agg["mae"]), "score": 100 * float(ev.scores["avg_score"])})
+    return rows

@@ -112,8 +112,15 @@ class EngineConfig:
     # matmuls use TF32 on GPUs and bf16 on CPUs with AMX/AVX512-BF16 (what STATE's trainer sets:
     # "medium"; 1.4x faster on such CPUs, at bf16 rounding of the matmul inputs)
     matmul_precision: str = "highest"
+    # ZeRO communication buckets, in elements (DeepSpeed's default, 5e8, reserves 2 GB per
+    # rank in fp32 for the gradient bucket alone: measured in benchmarks/se_speed.py --memory)
+    bucket_elements: int = 50_000_000
 
     def __post_init__(self) -> None:
+        if isinstance(self.bucket_elements, bool) or not isinstance(self.bucket_elements, int) \
+                or self.bucket_elements < 1:
+            raise ValueError(f"EngineConfig.bucket_elements must be a positive integer, got "
+                             f"{self.bucket_elements!r}")
         if self.matmul_precision not in ("highest", "high", "medium"):
             raise ValueError(f"EngineConfig.matmul_precision must be 'highest', 'high' or "
                              f"'medium', got {self.matmul_precision!r}")
@@ -178,7 +185,12 @@ def deepspeed_config(engine_cfg: EngineConfig, optim_cfg: OptimConfig, micro_bat
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     precision = engine_cfg.resolved_precision
+    b = int(engine_cfg.bucket_elements)
     zero: dict[str, Any] = {"stage": engine_cfg.zero_stage}
+    if engine_cfg.zero_stage >= 1:
+        zero.update(reduce_bucket_size=b, allgather_bucket_size=b)
+    if engine_cfg.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=b)
     if engine_cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": _cuda_available()}
     return {
@@ -279,6 +291,23 @@ def build_engine(model: torch.nn.Module, engine_cfg: EngineConfig, optim_cfg: Op
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=config)
     return engine, scheduler
+
+
+def model_init_context(engine_cfg: EngineConfig, optim_cfg: OptimConfig, micro_batch_size: int):
+    """The context to build a model in: under ZeRO-3, ``deepspeed.zero.Init`` partitions each
+    parameter as it is created, so no rank ever holds the whole model (at SE-600M the full fp32
+    model is 2.2 GB per rank); otherwise a no-op. Needs the process group (Ray Train's)."""
+    import contextlib
+
+    if engine_cfg.zero_stage != 3:
+        return contextlib.nullcontext()
+    _ensure_cpu_accelerator()
+    import deepspeed
+    import torch.distributed as dist
+
+    _ensure_process_group()
+    cfg = deepspeed_config(engine_cfg, optim_cfg, micro_batch_size, dist.get_world_size())
+    return deepspeed.zero.Init(config_dict_or_path=cfg)
 
 
 # ---------------------------------------------------------------- checkpoints

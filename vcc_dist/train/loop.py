@@ -356,10 +356,11 @@ class FitResult:
 
 def fit(loop: Callable, loop_config: dict, *, run_dir: Path, datasets: dict, num_workers: int,
         cpus_per_worker: float, use_gpu: bool, keep_checkpoints: int, max_failures: int,
-        board_actor=None) -> FitResult:
+        board_actor=None, callbacks: list | None = None) -> FitResult:
     """Run ``loop`` on a TorchTrainer (storage = ``run_dir``, so a second call with the same
     run_dir resumes from its latest checkpoint), keep the best ``keep_checkpoints`` by
-    ``score`` plus the latest, and write ``best_checkpoint.json`` / ``latest_checkpoint.json``."""
+    ``score`` plus the latest, and write ``best_checkpoint.json`` / ``latest_checkpoint.json``.
+    ``callbacks``: Ray Train callbacks (e.g. Tune's TuneReportCallback inside a sweep trial)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -373,7 +374,8 @@ def fit(loop: Callable, loop_config: dict, *, run_dir: Path, datasets: dict, num
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints,
                                                checkpoint_score_attribute="score",
                                                checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=max_failures)),
+            failure_config=FailureConfig(max_failures=max_failures),
+            callbacks=callbacks or None),
         datasets=datasets,
     )
     try:

@@ -74,7 +74,7 @@ class SETrainConfig:
     model: dict = field(default_factory=dict)   # SEConfig overrides
     data: dict = field(default_factory=dict)    # CellStreamConfig fields
     optim: dict = field(default_factory=dict)   # OptimConfig fields
-    engine: dict = field(default_factory=dict)  # EngineConfig fields (ZeRO-3 by default)
+    engine: dict = field(default_factory=dict)  # EngineConfig fields (ZeRO-3 with >1 worker)
     epochs: int = 1
     max_steps: int = 0                     # optimizer steps; 0 = epochs x steps per epoch
     checkpoint_every: int = 0              # optimizer steps; 0 = end of each epoch only
@@ -140,8 +140,11 @@ class SETrainConfig:
         return from_dict_checked(OptimConfig, d, "optim")
 
     def engine_config(self) -> EngineConfig:
-        return from_dict_checked(EngineConfig, {"zero_stage": 3, "seed": self.seed, **self.engine},
-                                 "engine")
+        # ZeRO-3 shards across workers; one worker has nothing to shard, and stage 3 would cost
+        # it 10-20% of every step (benchmarks/se_speed.py), so it gets stage 0 unless set
+        stage = 3 if self.num_workers > 1 else 0
+        return from_dict_checked(EngineConfig, {"zero_stage": stage, "seed": self.seed,
+                                                **self.engine}, "engine")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -365,7 +368,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     import torch.distributed as dist
 
     from vcc_dist.models.se import SEConfig, SEModel, se_loss
-    from vcc_dist.train.engine import build_engine
+    from vcc_dist.train.engine import build_engine, model_init_context
     from vcc_dist.train.loop import worker_loop
 
     cfg = SETrainConfig.from_dict(config["cfg"])
@@ -380,7 +383,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
         mcfg = dataclasses.replace(mcfg, activation_checkpointing=True)
     optim_cfg = OptimConfig(**config["optim"])
     B = cfg.stream_config().batch_size
-    model = SEModel(mcfg, torch.from_numpy(prep.gene_table()))
+    with model_init_context(ecfg, optim_cfg, B):  # ZeRO-3: parameters partitioned as built
+        model = SEModel(mcfg, torch.from_numpy(prep.gene_table()))
     engine, _ = build_engine(model, ecfg, optim_cfg, micro_batch_size=B)
     device = engine.device
     dtype = next(p for p in engine.module.parameters()).dtype

@@ -592,7 +592,8 @@ class STResult:
     wall_s: float
 
 
-def train_st(cfg: STTrainConfig, *, progress: bool = True) -> STResult:
+def train_st(cfg: STTrainConfig, *, progress: bool = True,
+             callbacks: list | None = None) -> STResult:
     """Run (or resume) one ST training run; see the module docstring."""
     import ray
 
@@ -629,6 +630,6 @@ def train_st(cfg: STTrainConfig, *, progress: bool = True) -> STResult:
               run_dir=run_dir, datasets={"train": stream.dataset}, num_workers=cfg.num_workers,
               cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.use_gpu,
               keep_checkpoints=cfg.keep_checkpoints, max_failures=cfg.max_failures,
-              board_actor=board_actor)
+              board_actor=board_actor, callbacks=callbacks)
     return STResult(run_dir, res.best_checkpoint, res.latest_checkpoint, res.metrics,
                     res.return_value, prep, time.perf_counter() - t0)

@@ -1,0 +1,413 @@
+"""Ray Tune sweeps of ST training against the challenge score (DESIGN.md §2, jobs/tune_st.py).
+
+    cfg = SweepConfig(recipe="demo", space="default", corpus="runs/demo/corpus",
+                      split="runs/demo/sim/split.toml", run_dir="runs/demo/tune", num_samples=16)
+    res = run_sweep(cfg)                 # embedded local Ray unless RAY_ADDRESS / a cluster
+    res.best_recipe                      # a recipe file: jobs/train_st.py --recipe <it>
+
+How it runs (Ray 2.60's pattern for Tune over Train V2, STACK_NOTES): every trial is a
+*driver function* (it reserves no CPU) that builds the trial's complete
+:class:`~vcc_dist.train.st.STTrainConfig` (the base recipe plus the sampled values, dotted
+keys such as ``optim.lr`` or ``model.hidden_dim``) and runs :func:`vcc_dist.train.st.train_st`,
+whose TorchTrainer reserves the trial's workers and reports every checkpoint's validation
+metrics to Tune through ``TuneReportCallback``. The objective is ``score``: the overall
+challenge score (DES, PDS and MAE scaled against the cell-mean baseline, exactly cell-eval
+0.8.2) on the split's validation perturbations; DES, PDS and MAE are reported with it.
+
+- Scheduler: ASHA (early stopping on ``training_iteration`` = validations so far) or FIFO.
+  Stopping a trial early ends its Train run; its placement group is released only when the
+  Ray dashboard runs (ray issue 54305), so sweeps start Ray with the dashboard.
+- Searcher: Optuna (TPE) or random; ``max_concurrent_trials`` derived from the cluster's CPUs
+  and GPUs unless given.
+- Trials are named by Tune's trial id (stable across a restore); each has its own ST run
+  directory ``<run_dir>/trials/<trial id>`` with its checkpoints, CSVs and wandb run (one per
+  trial, grouped by sweep).
+- A trial that crashes is recorded (status ``error`` and the message) and the sweep goes on.
+- Resume: running the same sweep again (same ``run_dir``) restores it with ``Tuner.restore``:
+  finished trials are kept, unfinished ones resume from their latest checkpoint.
+
+Outputs in ``run_dir``: ``trials.csv`` (one row per trial: status, validations, best score and
+its DES/PDS/MAE, every sampled value, run directory, error), ``best_recipe.json`` (the best
+trial's complete config, which ``jobs/train_st.py --recipe`` accepts directly; pass a new
+``--run-dir``), ``sweep.png`` (score by trial and score against each parameter),
+``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vcc_dist.train.loop import atomic_json, merge
+
+#: named search spaces: dotted config key -> (kind, *args); kinds: loguniform, uniform,
+#: choice, randint, grid (every value, for each of num_samples)
+SPACES: dict[str, dict[str, tuple]] = {
+    # CI and smoke tests: two cheap knobs of the debug recipe
+    "debug": {"optim.lr": ("loguniform", 1e-4, 1e-2),
+              "model.hidden_dim": ("choice", [16, 32])},
+    # the main job's small sweep around the demo recipe (a few CPU minutes)
+    "demo": {"optim.lr": ("loguniform", 1e-4, 3e-3),
+             "model.hidden_dim": ("choice", [128, 256]),
+             "model.cell_set_len": ("choice", [16, 32]),
+             "loss": ("choice", ["energy", "mse"])},
+    # the ST knobs that matter on the challenge's context generalisation
+    "default": {"optim.lr": ("loguniform", 5e-5, 3e-3),
+                "optim.weight_decay": ("loguniform", 1e-4, 1e-1),
+                "model.hidden_dim": ("choice", [128, 256, 512]),
+                "model.n_layers": ("choice", [1, 2, 4]),
+                "model.cell_set_len": ("choice", [16, 32, 64]),
+                "loss": ("choice", ["energy", "mse"]),
+                "data.control_strategy": ("choice", ["random", "batch"])},
+    # ST on SE embeddings: also the gene decoder's weight
+    "se": {"optim.lr": ("loguniform", 5e-5, 3e-3),
+           "model.hidden_dim": ("choice", [128, 256, 512]),
+           "model.n_layers": ("choice", [1, 2, 4]),
+           "model.cell_set_len": ("choice", [16, 32, 64]),
+           "decoder_weight": ("loguniform", 0.1, 10.0),
+           "data.control_strategy": ("choice", ["random", "batch"])},
+}
+SCHEDULERS = ("asha", "fifo")
+SEARCHERS = ("optuna", "random")
+TRIAL_DONE = "trial_done.json"
+#: what a trial's driver function reserves: no CPU (it only waits on its TorchTrainer, which
+#: reserves the workers), a token of memory (Tune refuses an empty request)
+TRIAL_DRIVER = {"memory": 64 * 1024**2}
+
+
+def tune_space(name: str | dict) -> dict[str, Any]:
+    """Ray Tune domains for a named space (or a dict in the same format)."""
+    from ray import tune
+
+    spec = SPACES.get(name) if isinstance(name, str) else name
+    if spec is None:
+        raise ValueError(f"search space {name!r} is unknown; choose one of {tuple(SPACES)}")
+    out = {}
+    for key, (kind, *args) in spec.items():
+        if kind == "loguniform":
+            out[key] = tune.loguniform(*args)
+        elif kind == "uniform":
+            out[key] = tune.uniform(*args)
+        elif kind == "choice":
+            out[key] = tune.choice(list(args[0]))
+        elif kind == "randint":
+            out[key] = tune.randint(*args)
+        elif kind == "grid":
+            out[key] = tune.grid_search(list(args[0]))
+        else:
+            raise ValueError(f"space {name!r}: {key} has unknown kind {kind!r}")
+    return out
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in flat.items():
+        cur = out
+        parts = k.split(".")
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[parts[-1]] = v
+    return out
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """One sweep; JSON-serialisable."""
+
+    corpus: str
+    split: str
+    run_dir: str
+    recipe: str = "demo"                 # the base ST recipe (name or file)
+    space: str | dict = "default"        # a SPACES name, or a space in the same format
+    num_samples: int = 16
+    max_concurrent: int = 0              # 0: derived from the cluster's resources
+    trial_workers: int = 1               # Ray Train workers per trial
+    cpus_per_trial: float = 1.0          # CPUs per trial worker
+    gpus_per_trial: float = 0.0          # GPUs per trial worker
+    data_cpus: float = 1.0               # CPUs a trial's data stream needs (for the derivation)
+    scheduler: str = "asha"
+    searcher: str = "optuna"
+    max_t: int = 0                       # ASHA: most validations per trial (0: the trial's own)
+    grace_period: int = 1                # ASHA: validations before a trial can be stopped
+    reduction_factor: int = 2
+    max_steps: int = 0                   # optimizer steps per trial (0: the recipe's)
+    checkpoint_every: int = 0            # validations every N steps (0: the recipe's)
+    overrides: dict = field(default_factory=dict)   # nested train_st overrides for all trials
+    wandb: dict = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.space, dict):
+            object.__setattr__(self, "space", {k: tuple(v) for k, v in self.space.items()})
+        elif self.space not in SPACES:
+            raise ValueError(f"space={self.space!r}: choose one of {tuple(SPACES)}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler={self.scheduler!r}: choose one of {SCHEDULERS}")
+        if self.searcher not in SEARCHERS:
+            raise ValueError(f"searcher={self.searcher!r}: choose one of {SEARCHERS}")
+        for k in ("num_samples", "trial_workers", "grace_period", "reduction_factor"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"SweepConfig.{k}={v!r} must be a positive integer")
+        for k in ("max_concurrent", "max_t", "max_steps", "checkpoint_every", "seed"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"SweepConfig.{k}={v!r} must be an integer >= 0")
+        if not self.cpus_per_trial > 0 or self.gpus_per_trial < 0 or self.data_cpus < 0:
+            raise ValueError("cpus_per_trial must be > 0, gpus_per_trial and data_cpus >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def base_config(self) -> dict[str, Any]:
+        """The trials' common ST config (checked now, so a bad recipe fails before Ray)."""
+        from vcc_dist.train.st import st_recipe
+
+        over = merge(self.overrides, {"num_workers": self.trial_workers,
+                                      "cpus_per_worker": self.cpus_per_trial,
+                                      "use_gpu": self.gpus_per_trial > 0, "seed": self.seed})
+        if self.max_steps:
+            over["max_steps"] = self.max_steps
+        if self.checkpoint_every:
+            over["checkpoint_every"] = self.checkpoint_every
+        if self.wandb:
+            over["wandb"] = dict(self.wandb)
+        over.setdefault("wandb", {}).setdefault("group", Path(self.run_dir).name)
+        cfg = st_recipe(self.recipe, over, corpus=self.corpus, split=self.split,
+                        run_dir=str(Path(self.run_dir) / "trials" / "_check"))
+        if not cfg.split or not cfg.val_role:
+            raise ValueError("a sweep needs a split with validation perturbations (its "
+                             "objective is the validation score)")
+        d = cfg.to_dict()
+        # every sampled key must be an option of the config
+        for key in self.space_spec:
+            _check_key(d, key)
+        return d
+
+    @property
+    def space_spec(self) -> dict[str, tuple]:
+        return self.space if isinstance(self.space, dict) else SPACES[self.space]
+
+
+def _check_key(d: dict, key: str) -> None:
+    parts = key.split(".")
+    if parts[0] not in d:
+        raise ValueError(f"search space key {key!r}: {parts[0]!r} is not an ST config option")
+    if len(parts) > 1 and not isinstance(d[parts[0]], dict):
+        raise ValueError(f"search space key {key!r}: {parts[0]!r} is not a section")
+
+
+def derive_concurrency(cfg: SweepConfig, resources: dict[str, float]) -> int:
+    """Trials that fit the cluster at once: CPUs for the trial's workers and its data stream,
+    and GPUs when trials use them."""
+    cpus = resources.get("CPU", 1)
+    reserve = cfg.trial_workers * cfg.cpus_per_trial
+    n = int(cpus // max(reserve + cfg.data_cpus, 1e-9))
+    # Ray Data's read tasks take one whole CPU each: reservations must leave one free, or
+    # every trial waits forever for its data
+    n = min(n, int(max(cpus - 1, 0) // reserve))
+    if cfg.gpus_per_trial > 0:
+        n = min(n, int(resources.get("GPU", 0) // (cfg.trial_workers * cfg.gpus_per_trial)))
+    return max(1, n)
+
+
+def _trial(config: dict, base: dict, sweep_dir: str) -> None:
+    """One trial (a Tune driver function): train ST with the sampled values."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from vcc_dist.train.st import STTrainConfig, train_st
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    d = merge(base, _nest(config))
+    run_dir = Path(sweep_dir) / "trials" / trial_id
+    d["run_dir"], d["name"] = str(run_dir), trial_id
+    cfg = STTrainConfig.from_dict(d)
+    res = train_st(cfg, progress=False, callbacks=[TuneReportCallback()])
+    atomic_json(run_dir / TRIAL_DONE, {"trial_id": trial_id,
+                                       "best_checkpoint": str(res.best_checkpoint),
+                                       "return_value": res.return_value})
+
+
+@dataclass
+class SweepResult:
+    run_dir: Path
+    trials: Any                  # pandas.DataFrame (trials.csv)
+    best_recipe: Path | None
+    best: dict | None
+    plot: Path | None
+    wall_s: float
+
+
+def run_sweep(cfg: SweepConfig, *, progress: bool = True, resume: bool = True) -> SweepResult:
+    """Run (or restore and finish) a sweep; see the module docstring."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from vcc_dist.ray_utils import ensure_ray
+
+    t0 = time.perf_counter()
+    run_dir = Path(cfg.run_dir).resolve()
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
+    base = cfg.base_config()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_json(run_dir / "sweep_config.json", cfg.to_dict())
+    # ASHA's early stops release their Train placement groups only with the dashboard running
+    ensure_ray(include_dashboard=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    res = ray.cluster_resources()
+    if res.get("CPU", 0) - cfg.trial_workers * cfg.cpus_per_trial < 1:
+        raise ValueError(f"a trial reserves {cfg.trial_workers} x {cfg.cpus_per_trial} CPUs of the "
+                         f"cluster's {res.get('CPU', 0):g}: Ray Data needs one more for the "
+                         "trial's data; lower --cpus-per-trial or --trial-workers")
+    conc = cfg.max_concurrent or derive_concurrency(cfg, res)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=base, sweep_dir=str(run_dir)), TRIAL_DRIVER)
+    if resume and tune.Tuner.can_restore(str(run_dir)):
+        if progress:
+            print(f"[tune] restoring the sweep in {run_dir}", flush=True)
+        tuner = tune.Tuner.restore(str(run_dir), trainable=trainable, resume_errored=False,
+                                   restart_errored=False, resume_unfinished=True)
+    else:
+        if cfg.scheduler == "asha":
+            sched = ASHAScheduler(time_attr="training_iteration",
+                                  max_t=cfg.max_t or 10_000, grace_period=cfg.grace_period,
+                                  reduction_factor=cfg.reduction_factor)
+        else:
+            sched = FIFOScheduler()
+        searcher = None
+        if cfg.searcher == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            searcher = OptunaSearch(seed=cfg.seed)
+        name = lambda t: f"trial_{t.trial_id}"  # noqa: E731  stable: no timestamps
+        tuner = tune.Tuner(
+            trainable, param_space=tune_space(cfg.space_spec),
+            tune_config=tune.TuneConfig(metric="score", mode="max", scheduler=sched,
+                                        search_alg=searcher, num_samples=cfg.num_samples,
+                                        max_concurrent_trials=conc,
+                                        trial_name_creator=name, trial_dirname_creator=name),
+            run_config=tune.RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
+                                      failure_config=tune.FailureConfig(max_failures=0),
+                                      verbose=1 if progress else 0))
+    if progress:
+        print(f"[tune] {cfg.num_samples} samples of space {cfg.space!r} on recipe "
+              f"{cfg.recipe!r}, {conc} at a time, {cfg.scheduler} + {cfg.searcher}; "
+              f"trial runs in {run_dir / 'trials'}", flush=True)
+    grid = tuner.fit()
+    table = trials_table(grid, run_dir, list(cfg.space_spec))
+    table.to_csv(run_dir / "trials.csv", index=False)
+    best, best_recipe = None, None
+    ok = table[table["best_score"].notna()]
+    if len(ok):
+        row = ok.loc[ok["best_score"].idxmax()]
+        best = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                for k, v in row.to_dict().items()}
+        trial_cfg = json.loads((Path(row["run_dir"]) / "config.json").read_text())
+        recipe = {k: v for k, v in trial_cfg.items() if k not in ("run_dir", "name")}
+        recipe["wandb"] = {k: v for k, v in recipe.get("wandb", {}).items() if k != "group"}
+        best_recipe = run_dir / "best_recipe.json"
+        atomic_json(best_recipe, recipe)
+    plot = plot_sweep(table, list(cfg.space_spec), run_dir / "sweep.png")
+    summary = {"trials": len(table), "by_status": table["status"].value_counts().to_dict(),
+               "best": best, "best_recipe": str(best_recipe) if best_recipe else None,
+               "max_concurrent": conc, "wall_s": time.perf_counter() - t0}
+    atomic_json(run_dir / "summary.json", summary)
+    return SweepResult(run_dir, table, best_recipe, best, plot, summary["wall_s"])
+
+
+def trials_table(grid, run_dir: Path, params: list[str]):
+    """One row per trial: status (completed / stopped early / error), validations, the best
+    validation score with its DES/PDS/MAE, the sampled values, run directory and error."""
+    import pandas as pd
+
+    rows = []
+    for r in grid:
+        cfg = r.config or {}
+        tid = Path(r.path).name.removeprefix("trial_") if r.path else None
+        trial_run = run_dir / "trials" / str(tid)
+        hist = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
+        row: dict[str, Any] = {"trial_id": tid}
+        if r.error is not None:
+            row["status"] = "error"
+        elif (trial_run / TRIAL_DONE).is_file():
+            row["status"] = "completed"
+        else:
+            row["status"] = "stopped early"
+        row["validations"] = int(len(hist))
+        if len(hist) and "score" in hist:
+            b = hist.loc[hist["score"].idxmax()]
+            row["best_score"] = float(b["score"])
+            for m, col in (("DES", "val_overlap_at_N"), ("PDS", "val_discrimination_score_l1"),
+                           ("MAE", "val_mae")):
+                row[m] = float(b[col]) if col in b else float("nan")
+            row["best_step"] = int(b["step"]) if "step" in b else None
+        else:
+            row["best_score"] = float("nan")
+        for p in params:
+            row[p] = cfg.get(p)
+        row["run_dir"] = str(trial_run)
+        row["error"] = (str(r.error).strip().splitlines() or [""])[-1][:300] if r.error else ""
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    return df.sort_values("trial_id").reset_index(drop=True) if len(df) else df
+
+
+def plot_sweep(table, params: list[str], path: Path) -> Path | None:
+    """Score by trial (coloured by status) and score against each sampled parameter."""
+    if table is None or not len(table):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n = 1 + len(params)
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    colors = {"completed": "tab:blue", "stopped early": "tab:orange", "error": "tab:red"}
+    ax = axes[0][0]
+    x = np.arange(len(table))
+    for st, c in colors.items():
+        m = (table["status"] == st).to_numpy()
+        ax.scatter(x[m], table["best_score"].to_numpy(float)[m], c=c, label=st, s=25)
+    ax.set_xlabel("trial")
+    ax.set_ylabel("best validation score")
+    ax.set_title("score by trial")
+    ax.legend(fontsize=7)
+    for i, p in enumerate(params, start=1):
+        ax = axes[i // cols][i % cols]
+        vals = table[p]
+        y = table["best_score"].to_numpy(float)
+        if vals.map(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).all():
+            xv = vals.to_numpy(float)
+            ax.scatter(xv, y, s=25)
+            if np.nanmin(xv) > 0 and np.nanmax(xv) / max(np.nanmin(xv), 1e-30) > 50:
+                ax.set_xscale("log")
+        else:
+            cats = sorted({str(v) for v in vals})
+            ax.scatter([cats.index(str(v)) for v in vals], y, s=25)
+            ax.set_xticks(range(len(cats)), cats, fontsize=7)
+        ax.set_title(p, fontsize=9)
+    for j in range(n, rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+__all__ = ["SPACES", "SweepConfig", "SweepResult", "derive_concurrency", "run_sweep",
+           "trials_table", "tune_space"]
