@@ -181,7 +181,7 @@ def stage_esm(out: Path, progress: bool) -> Path:
     _say(f"[6/{N_STAGES}] esm: ESM2 gene embeddings of {out / 'sim' / 'proteins.fasta'} with a tiny "
          f"random ESM2 ({model.name}; use jobs/embed_genes.py --model for real weights)")
     r = embed_genes(EmbedConfig(inputs=str(out / "sim" / "proteins.fasta"), model_path=str(model),
-                                out=str(esm), corpus=str(out / "corpus"), progress=progress))
+                                out=str(esm), corpus=str((out / "corpus").resolve()), progress=progress))
     _say(f"      {r.n_genes:,} genes from {r.n_isoforms:,} isoforms, {r.embed_dim}-d, "
          f"{r.tokens_per_s:,.0f} tokens/s; outputs: {table}")
     return table
@@ -191,12 +191,13 @@ def stage_se(out: Path, mode: dict, table: Path, progress: bool):
     from vcc_dist.train.se import se_recipe, train_se
 
     recipe, over = mode["se"]
-    cfg = se_recipe(recipe, {"wandb": {"group": out.name}}, corpus=str(out / "corpus"),
-                    gene_table=str(table), run_dir=str((out / "se").resolve()), **over)
+    cfg = se_recipe(recipe, {"wandb": {"group": out.name}}, corpus=str((out / "corpus").resolve()),
+                    gene_table=str(table.resolve()), run_dir=str((out / "se").resolve()), **over)
     if _up_to_date(out / "se", cfg.to_dict()):
         _say(f"[7/{N_STAGES}] se: up to date, skipped ({out / 'se'})")
         return
-    _say(f"[7/{N_STAGES}] se: SE pretraining, recipe {recipe!r} (DeepSpeed ZeRO-3) -> {out / 'se'}")
+    _say(f"[7/{N_STAGES}] se: SE pretraining, recipe {recipe!r} (DeepSpeed ZeRO stage "
+         f"{cfg.engine_config().zero_stage}, {cfg.num_workers} worker(s)) -> {out / 'se'}")
     r = train_se(cfg, progress=progress)
     rv = r.return_value or {}
     _say(f"      {rv.get('step')} steps in {r.wall_s:.0f} s, validation loss "
@@ -224,7 +225,7 @@ def stage_st(out: Path, name: str, k: int, recipe: str, over: dict, progress: bo
 
     run = (out / name).resolve()
     cfg = st_recipe(recipe, {"wandb": {"group": out.name}, **over},
-                    corpus=str(out / "corpus"), split=str(out / "sim" / "split.toml"),
+                    corpus=str((out / "corpus").resolve()), split=str((out / "sim" / "split.toml").resolve()),
                     run_dir=str(run))
     if _up_to_date(run, cfg.to_dict()):
         _say(f"[{k}/{N_STAGES}] {name}: up to date, skipped ({run})")
@@ -246,7 +247,7 @@ def stage_tune(out: Path, mode: dict, progress: bool):
     if (run / "summary.json").is_file():
         _say(f"[11/{N_STAGES}] tune: up to date, skipped ({run})")
         return json.loads((run / "summary.json").read_text())
-    cfg = SweepConfig(corpus=str(out / "corpus"), split=str(out / "sim" / "split.toml"),
+    cfg = SweepConfig(corpus=str((out / "corpus").resolve()), split=str((out / "sim" / "split.toml").resolve()),
                       run_dir=str(run), wandb={"group": f"{out.name}-tune"}, **t)
     _say(f"[11/{N_STAGES}] tune: {cfg.num_samples} trials, space {cfg.space!r}, ASHA + Optuna "
          f"-> {run}")
@@ -261,20 +262,19 @@ def stage_tune(out: Path, mode: dict, progress: bool):
 def stage_predict(out: Path, progress: bool) -> list[dict]:
     """Every trained model predicts the held-out context's test perturbations; models and
     baselines are scored on those cells (the validation perturbations chose checkpoints)."""
-    from vcc_dist.data.splits import SplitSpec
+    from vcc_dist.data.plans import SetStreamConfig
+    from vcc_dist.data.streams import set_plan
     from vcc_dist.infer.heldout import score_predictions
     from vcc_dist.infer.st_predict import load_st_checkpoint, predict_context
+    from vcc_dist.train.st_data import heldout_groups
 
     dst = out / "predictions"
     dst.mkdir(parents=True, exist_ok=True)
-    spec = SplitSpec.from_toml(out / "sim" / "split.toml")
-    (ctx, roles), = spec.fewshot.items()
-    test = sorted(roles["test"])
+    plan, _ = set_plan(out / "corpus", SetStreamConfig(), out / "sim" / "split.toml")
+    held = heldout_groups(plan, "test")
+    ctx, counts = held.context, held.counts()
+    test = sorted(counts)
     real = out / "baselines" / "real.h5ad"
-    import anndata as ad
-
-    lab = ad.read_h5ad(real, backed="r").obs["target_gene"].astype(str)
-    counts = {p: int((lab == p).sum()) for p in test}
     files = {k: out / "baselines" / f"{k}.h5ad" for k in ("cell-mean", "context-mean", "ridge")}
     models = {"ST (genes)": out / "st", "ST on SE": out / "st_se"}
     tune_best = out / "tune" / "summary.json"

@@ -398,6 +398,51 @@ def new_board_name(tag: str) -> str:
     return f"vcc-{tag}-board-{uuid.uuid4().hex[:12]}"
 
 
+@dataclass
+class RunStart:
+    cfg: Any                 # the config with run_dir resolved and epochs covering max_steps
+    run_dir: Path
+    prep: Any
+    total_steps: int
+    optim: Any               # OptimConfig with total_steps set
+    board: str               # the position board's name
+    board_actor: Any
+
+
+def begin_run(cfg, prepare: Callable, check_resume: Callable, tag: str,
+              progress: bool) -> RunStart:
+    """The driver's preamble shared by trainers: resolve and record the run directory and
+    config, prepare (cached), derive the step budget, refuse a checkpoint made with other
+    inputs *before* any worker starts, join or start Ray, and create the stream's position
+    board."""
+    import ray
+
+    from vcc_dist.data.streams import position_board
+    from vcc_dist.ray_utils import ensure_ray
+
+    run_dir = Path(cfg.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # absolute input paths: Ray Train runs each worker in its own working directory
+    paths = {k: str(Path(getattr(cfg, k)).resolve()) for k in ("corpus", "split", "gene_table")
+             if isinstance(getattr(cfg, k, None), str) and getattr(cfg, k)}
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir), **paths)
+    atomic_json(run_dir / "config.json", cfg.to_dict())
+    prep = prepare(cfg, progress=progress)
+    total = cfg.max_steps or cfg.epochs * prep.steps_per_epoch
+    if cfg.max_steps:
+        cfg = dataclasses.replace(cfg, epochs=max(cfg.epochs,
+                                                  math.ceil(cfg.max_steps / prep.steps_per_epoch)))
+    optim = cfg.optim_config(total)
+    latest = latest_checkpoint(run_dir)
+    if latest is not None:
+        check_resume(json.loads((latest / MANIFEST).read_text()), prep)
+    ensure_ray()
+    board = new_board_name(tag)
+    actor = position_board(board)
+    ray.data.DataContext.get_current().enable_progress_bars = bool(progress)
+    return RunStart(cfg, run_dir, prep, total, optim, board, actor)
+
+
 __all__ = ["CheckpointMismatch", "FitResult", "LoopHooks", "Schedule", "atomic_json", "fit",
            "from_dict_checked", "latest_checkpoint", "merge", "parse_overrides", "recipe_dict",
            "worker_loop"]

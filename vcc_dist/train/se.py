@@ -46,13 +46,11 @@ import numpy as np
 from vcc_dist.data.plans import CellStreamConfig
 from vcc_dist.train.engine import EngineConfig, OptimConfig
 from vcc_dist.train.loop import (
-    MANIFEST,
     CheckpointMismatch,
     LoopHooks,
     Schedule,
     atomic_json,
     from_dict_checked,
-    latest_checkpoint,
     recipe_dict,
 )
 
@@ -166,7 +164,7 @@ _RECIPES: dict[str, dict[str, Any]] = {
                        "sentence_len": 255, "n_expressed": 64, "n_unexpressed": 64,
                        "n_shared": 32},
              "data": {"batch_size": 32, "block_rows": 32, "buffer_blocks": 16},
-             "epochs": 1, "max_steps": 150, "checkpoint_every": 50,
+             "epochs": 1, "max_steps": 300, "checkpoint_every": 100,
              "optim": {"lr": 1e-3, "warmup_steps": 10}, "log_every": 10},
     # the small CPU-trainable preset (benchmarks/se_speed.py)
     "small": {"preset": "small", "data": {"batch_size": 32, "block_rows": 32, "buffer_blocks": 32},
@@ -461,44 +459,25 @@ class SEResult:
 
 def train_se(cfg: SETrainConfig, *, progress: bool = True) -> SEResult:
     """Run (or resume) one SE pretraining run; see the module docstring."""
-    import ray
-
     from vcc_dist.data.se_tokens import SESentences
-    from vcc_dist.data.streams import cell_stream, position_board
+    from vcc_dist.data.streams import cell_stream
     from vcc_dist.models.se import SEConfig
-    from vcc_dist.ray_utils import ensure_ray
-    from vcc_dist.train.loop import fit, new_board_name
+    from vcc_dist.train.loop import begin_run, fit
 
     t0 = time.perf_counter()
-    run_dir = Path(cfg.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
-    atomic_json(run_dir / "config.json", cfg.to_dict())
-    prep = prepare(cfg, progress=progress)
-    total = cfg.max_steps or cfg.epochs * prep.steps_per_epoch
-    if cfg.max_steps:
-        cfg = dataclasses.replace(cfg, epochs=max(cfg.epochs,
-                                                  math.ceil(cfg.max_steps / prep.steps_per_epoch)))
-    optim = cfg.optim_config(total)
-    latest = latest_checkpoint(run_dir)
-    if latest is not None:  # fail before starting workers, with the reason
-        check_resume(json.loads((latest / MANIFEST).read_text()), prep)
-
-    ensure_ray()
-    board = new_board_name("se")
-    board_actor = position_board(board)
-    ray.data.DataContext.get_current().enable_progress_bars = bool(progress)
+    rs = begin_run(cfg, prepare, check_resume, "se", progress)
+    cfg, prep, run_dir = rs.cfg, rs.prep, rs.run_dir
     mcfg = SEConfig.from_dict(prep.model_config)
     stream = cell_stream(cfg.corpus, cfg.stream_config(), split="train",
-                         world_size=cfg.num_workers, board=board,
+                         world_size=cfg.num_workers, board=rs.board,
                          transform=SESentences(mcfg, prep.gene_map(), seed=cfg.seed))
     res = fit(train_loop_per_worker,
-              {"cfg": cfg.to_dict(), "prep_dir": str(prep.dir), "board": board,
-               "optim": optim.to_dict(), "max_steps": total},
+              {"cfg": cfg.to_dict(), "prep_dir": str(prep.dir), "board": rs.board,
+               "optim": rs.optim.to_dict(), "max_steps": rs.total_steps},
               run_dir=run_dir, datasets={"train": stream.dataset}, num_workers=cfg.num_workers,
               cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.use_gpu,
               keep_checkpoints=cfg.keep_checkpoints, max_failures=cfg.max_failures,
-              board_actor=board_actor)
+              board_actor=rs.board_actor)
     return SEResult(run_dir, res.best_checkpoint, res.latest_checkpoint, res.metrics,
                     res.return_value, prep, time.perf_counter() - t0)
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -595,41 +594,21 @@ class STResult:
 def train_st(cfg: STTrainConfig, *, progress: bool = True,
              callbacks: list | None = None) -> STResult:
     """Run (or resume) one ST training run; see the module docstring."""
-    import ray
-
-    from vcc_dist.data.streams import position_board, set_stream
-    from vcc_dist.ray_utils import ensure_ray
-    from vcc_dist.train.loop import fit, new_board_name
+    from vcc_dist.data.streams import set_stream
+    from vcc_dist.train.loop import begin_run, fit
 
     t0 = time.perf_counter()
-    run_dir = Path(cfg.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
-    _atomic_json(run_dir / "config.json", cfg.to_dict())
-    prep = prepare(cfg, progress=progress)
-    total = cfg.max_steps or cfg.epochs * prep.steps_per_epoch
-    if cfg.max_steps:
-        cfg = dataclasses.replace(cfg, epochs=max(cfg.epochs,
-                                                  math.ceil(cfg.max_steps / prep.steps_per_epoch)))
-    optim = cfg.optim_config(total)
-    latest = latest_checkpoint(run_dir)
-    if latest is not None:  # fail before starting workers, with the reason
-        _check_resume(json.loads((latest / MANIFEST).read_text()), prep)
-
-    ensure_ray()
-    board = new_board_name("st")
-    board_actor = position_board(board)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = bool(progress)
+    rs = begin_run(cfg, prepare, _check_resume, "st", progress)
+    cfg, prep, run_dir = rs.cfg, rs.prep, rs.run_dir
     stream = set_stream(cfg.corpus, cfg.stream_config(), split=cfg.split, role="train",
-                        world_size=cfg.num_workers, board=board,
+                        world_size=cfg.num_workers, board=rs.board,
                         **({"embeddings": cfg.embeddings} if cfg.embeddings else {}))
     res = fit(train_loop_per_worker,
-              {"cfg": cfg.to_dict(), "prep_dir": str(prep.dir), "board": board,
-               "optim": optim.to_dict(), "max_steps": total},
+              {"cfg": cfg.to_dict(), "prep_dir": str(prep.dir), "board": rs.board,
+               "optim": rs.optim.to_dict(), "max_steps": rs.total_steps},
               run_dir=run_dir, datasets={"train": stream.dataset}, num_workers=cfg.num_workers,
               cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.use_gpu,
               keep_checkpoints=cfg.keep_checkpoints, max_failures=cfg.max_failures,
-              board_actor=board_actor, callbacks=callbacks)
+              board_actor=rs.board_actor, callbacks=callbacks)
     return STResult(run_dir, res.best_checkpoint, res.latest_checkpoint, res.metrics,
                     res.return_value, prep, time.perf_counter() - t0)
