@@ -101,7 +101,7 @@ def stage_convert(out: Path, h5ads, num_cpus: int | None, progress: bool, n_top_
     try:
         m = load_manifest(corpus)
         if (m.options == cfg.stored_options() and m.status == "complete"
-                and sorted(s.source for s in m.stores) == sorted(str(p) for p in h5ads)):
+                and sorted(s.source for s in m.stores) == sorted(str(Path(p).resolve()) for p in h5ads)):
             _say(f"[2/{N_STAGES}] convert: corpus complete, skipped ({corpus})")
             return m
     except CorpusError:
@@ -282,14 +282,17 @@ def stage_predict(out: Path, progress: bool) -> list[dict]:
         best = json.loads(tune_best.read_text()).get("best")
         if best:
             models["ST, best Tune trial"] = Path(best["run_dir"])
+    from vcc_dist.infer.st_predict import resolve_checkpoint
+
     for name, run in models.items():
-        if not (run / "best_checkpoint.json").is_file():
+        try:  # a Tune trial stopped early has checkpoints but no best_checkpoint.json
+            ck = str(resolve_checkpoint(run, "best"))
+        except FileNotFoundError:
             continue
         pred = dst / f"{run.name}.h5ad"
-        ck = json.loads((run / "best_checkpoint.json").read_text())["path"]
         stamp = dst / f"{run.name}.checkpoint"
         if not (pred.is_file() and stamp.is_file() and stamp.read_text() == ck):
-            loaded = load_st_checkpoint(run)
+            loaded = load_st_checkpoint(ck)
             predict_context(loaded, out / "corpus", ctx, counts, pred, progress=progress)
             stamp.write_text(ck)
         files[name] = pred
@@ -324,7 +327,8 @@ def _training_section(out: Path, tune: dict | None) -> str:
         lines += ["### Tune sweep (`tune/`)", "",
                   f"{tune['trials']} trials ({tune['by_status']}); best trial "
                   f"`{(tune.get('best') or {}).get('trial_id')}`, validation score "
-                  f"{(tune.get('best') or {}).get('best_score')}; all trials: `tune/trials.csv`; "
+                  f"{(tune.get('best') or {}).get('best_score', float('nan')):.3f}; all trials: "
+                  "`tune/trials.csv`; "
                   "best config: `tune/best_recipe.json` (`jobs/train_st.py --recipe` takes it).",
                   "", "![sweep](tune/sweep.png)", ""]
     return "\n".join(lines)

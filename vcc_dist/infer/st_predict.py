@@ -202,6 +202,19 @@ def resolve_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:
     ref = p / f"{which}_checkpoint.json"
     if ref.is_file():
         return Path(json.loads(ref.read_text())["path"])
+    # a run stopped before it finished (a killed job, a trial stopped early by Tune) has no
+    # pointer files: pick from its complete checkpoints by their manifests
+    found = [c for c in p.glob("checkpoint_*") if (c / "manifest.json").is_file()]
+    if found:
+        if which == "latest":
+            return max(found, key=lambda c: c.name)
+
+        def score(c: Path) -> float:
+            v = json.loads((c / "manifest.json").read_text()).get("val_metrics") or {}
+            s = v.get("score", v.get("loss") and -v["loss"])
+            return float(s) if s is not None else float("-inf")
+
+        return max(found, key=lambda c: (score(c), c.name))
     raise FileNotFoundError(f"{p} is neither a checkpoint (no manifest.json) nor a finished "
                             f"run directory (no {ref.name}); pass a checkpoint_* directory")
 
