@@ -306,6 +306,8 @@ def model_init_context(engine_cfg: EngineConfig, optim_cfg: OptimConfig, micro_b
     import torch.distributed as dist
 
     _ensure_process_group()
+    # deepspeed.comm must wrap the existing torch group first, or zero.Init sees world size 1
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
     cfg = deepspeed_config(engine_cfg, optim_cfg, micro_batch_size, dist.get_world_size())
     return deepspeed.zero.Init(config_dict_or_path=cfg)
 
