@@ -92,7 +92,15 @@ def test_deepspeed_config_fields(stage, precision):
     assert cfg["gradient_accumulation_steps"] == 3
     assert cfg["train_batch_size"] == 4 * 3 * 2
     assert cfg["gradient_clipping"] == 0.5
-    assert cfg["zero_optimization"] == {"stage": stage}
+    zero = cfg["zero_optimization"]
+    assert zero["stage"] == stage
+    b = EngineConfig().bucket_elements  # bounded buckets (DeepSpeed's 5e8 reserves 2 GB/rank)
+    if stage >= 1:
+        assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == b
+    if stage == 3:
+        assert zero["stage3_prefetch_bucket_size"] == b
+    if stage == 0:
+        assert zero == {"stage": 0}
     assert cfg["bf16"] == {"enabled": precision == "bf16"}
     assert cfg["fp16"] == {"enabled": False}
     assert cfg["steps_per_print"] >= 10**6
