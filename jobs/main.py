@@ -42,7 +42,6 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 
-
 N_STAGES = 12
 STAGES = ("simulate", "convert", "validate", "statistics", "baselines", "esm", "se", "embed",
           "st", "st_se", "tune", "predict")
@@ -378,7 +377,6 @@ def main(argv=None) -> int:
 
 def _run(a) -> int:
     from vcc_dist.data.simulate import parse_overrides
-
     from vcc_dist.ray_utils import ensure_ray
 
     out = Path(a.out)

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from vcc_dist.fileio import atomic_json, atomic_write_bytes
+
 OUTPUT_PT = "gene_embeddings.pt"
 OUTPUT_NPZ = "gene_embeddings.npz"
 MANIFEST = "manifest.json"
@@ -91,19 +93,6 @@ class EmbedResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
-
-
 class _EmbedActor:
     """Ray Data actor: one ESM model; embeds a part and writes its file."""
 
@@ -133,7 +122,7 @@ class _EmbedActor:
             secs.append(time.perf_counter() - t)
             buf = io.BytesIO()
             np.savez(buf, idx=np.asarray(idx, np.int64), embeddings=emb.astype(np.float32))
-            _atomic_write_bytes(self.parts_dir / f"part-{int(part):05d}.npz", buf.getvalue())
+            atomic_write_bytes(self.parts_dir / f"part-{int(part):05d}.npz", buf.getvalue())
             parts.append(int(part))
             counts.append(len(seqs))
             tokens.append(count_tokens(seqs))
@@ -203,7 +192,7 @@ def embed_genes(cfg: EmbedConfig) -> EmbedResult:
             for f in parts_dir.glob("part-*.npz"):
                 f.unlink()
     parts_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_json(run_key, key)
+    atomic_json(run_key, key)
 
     lengths = np.array([len(s) for s in seqs])
     plan = _plan_parts(lengths, cfg.isoforms_per_part)
@@ -264,7 +253,7 @@ def embed_genes(cfg: EmbedConfig) -> EmbedResult:
     coverage = None
     if cfg.corpus:
         coverage = coverage_report(genes, cfg.corpus)
-        _atomic_json(out / COVERAGE, coverage)
+        atomic_json(out / COVERAGE, coverage)
     seconds = time.perf_counter() - t0
     manifest = {
         "format": "vcc-dist-gene-embeddings", "format_version": 1,
@@ -284,7 +273,7 @@ def embed_genes(cfg: EmbedConfig) -> EmbedResult:
                                                    ("vocabulary", "covered", "fraction")},
         "outputs": {"pt": OUTPUT_PT, "npz": OUTPUT_NPZ},
     }
-    _atomic_json(out / MANIFEST, manifest)
+    atomic_json(out / MANIFEST, manifest)
     return EmbedResult(out, len(genes), int(seen), D, len(plan), len(todo), tokens, embed_s,
                        manifest)
 

@@ -82,13 +82,14 @@ def load_se_checkpoint(path: str | os.PathLike, which: str = "best") -> LoadedSE
 
 
 def embed_rows(loaded: LoadedSE, indptr, indices, counts, totals, gene_map: np.ndarray,
-               with_dataset: bool = True, device=None) -> np.ndarray:
-    """Embeddings [n, dim] of cells given as raw-count CSR over the corpus vocabulary."""
+               with_dataset: bool = True, device=None, tokenizer=None) -> np.ndarray:
+    """Embeddings [n, dim] of cells given as raw-count CSR over the corpus vocabulary
+    (``tokenizer``: an SETokenizer of this model and gene map, reused across calls)."""
     import torch
 
     from vcc_dist.data.se_tokens import SETokenizer
 
-    tok = SETokenizer(loaded.model.cfg, gene_map, seed=0)
+    tok = tokenizer or SETokenizer(loaded.model.cfg, gene_map, seed=0)
     t = tok(indptr, indices, counts, totals, train=False)
     device = device or next(loaded.model.parameters()).device
     ids = torch.from_numpy(t["gene_ids"][:, 0]).long().to(device)
@@ -104,6 +105,7 @@ def _embed_store(ck_path: str, which: str, corpus: str, store: int, key: str, ba
     from vcc_dist.data.corpus import store_path
     from vcc_dist.data.embeddings import EmbeddingWriter
     from vcc_dist.data.reader import CorpusReader
+    from vcc_dist.data.se_tokens import SETokenizer
 
     if threads:
         torch.set_num_threads(threads)
@@ -113,6 +115,7 @@ def _embed_store(ck_path: str, which: str, corpus: str, store: int, key: str, ba
         loaded.model.cuda()
     reader = CorpusReader(corpus, normalize=False)
     gm = loaded.gene_map(reader.manifest.genes)
+    tok = SETokenizer(loaded.model.cfg, gm, seed=0)  # one per store, not per batch
     n = int(reader.n_cells[store])
     dim = loaded.model.cfg.embed_dim if with_dataset else loaded.model.cfg.output_dim
     w = EmbeddingWriter(store_path(corpus, reader.store_names[store]), key, n, dim,
@@ -127,7 +130,7 @@ def _embed_store(ck_path: str, which: str, corpus: str, store: int, key: str, ba
             ip = blk.indptr[a:z + 1]
             sl = slice(int(ip[0]), int(ip[-1]))
             out[a:z] = embed_rows(loaded, ip - ip[0], blk.indices[sl], blk.data[sl],
-                                  blk.totals[a:z], gm, with_dataset)
+                                  blk.totals[a:z], gm, with_dataset, tokenizer=tok)
         w.write(start, out)
         start += rows.size
     w.commit()

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _ckpt
 
+from vcc_dist.config import check_ints, from_dict_checked
 from vcc_dist.models.losses import LossRecord, energy_distance
 
 SE_LOSSES = ("mse", "energy")
@@ -91,15 +92,10 @@ class SEConfig:
     center_genes: bool = True
 
     def __post_init__(self) -> None:
-        for k in ("n_genes", "gene_dim", "d_model", "n_layers", "n_heads", "d_hid", "output_dim",
-                  "n_datasets", "n_bins", "decoder_hidden", "sentence_len", "n_copies"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"SEConfig.{k}={v!r} must be a positive integer")
-        for k in ("dataset_dim", "n_expressed", "n_unexpressed", "n_shared"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"SEConfig.{k}={v!r} must be an integer >= 0")
+        check_ints(self, ("n_genes", "gene_dim", "d_model", "n_layers", "n_heads", "d_hid",
+                          "output_dim", "n_datasets", "n_bins", "decoder_hidden", "sentence_len",
+                          "n_copies"),
+                   ("dataset_dim", "n_expressed", "n_unexpressed", "n_shared"))
         if self.n_targets < 1:
             raise ValueError("SEConfig: n_expressed + n_unexpressed + n_shared must be >= 1 "
                              "(the objective needs target genes)")
@@ -139,11 +135,7 @@ class SEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SEConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown SEConfig key(s) {unknown}; valid keys: {sorted(known)}")
-        return cls(**d)
+        return from_dict_checked(cls, d, "SEConfig")
 
 
 _PRESETS: dict[str, dict[str, Any]] = {

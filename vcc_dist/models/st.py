@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vcc_dist.config import from_dict_checked
+
 OUTPUT_SPACES = ("genes", "embedding")
 RESIDUALS = ("hidden", "input", "none")
 
@@ -132,11 +134,7 @@ class STConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> STConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown STConfig key(s) {unknown}; valid keys: {sorted(known)}")
-        return cls(**d)
+        return from_dict_checked(cls, d, "STConfig")
 
 
 _PRESETS: dict[str, dict[str, Any]] = {

@@ -344,7 +344,9 @@ def fp32_state_dict(directory: str | os.PathLike, tag: str, zero_stage: int) -> 
                         weights_only=False)["module"]
     else:
         _ensure_cpu_accelerator()
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         sd = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
     return {k: v.float() for k, v in sd.items()}

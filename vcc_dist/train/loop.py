@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from vcc_dist.config import from_dict_checked  # noqa: F401  (re-exported)
+from vcc_dist.fileio import atomic_json, json_default  # noqa: F401  (re-exported)
 
 MANIFEST = "manifest.json"
 DS_DIR, DS_TAG = "deepspeed", "state"
@@ -44,15 +45,6 @@ class CheckpointMismatch(ValueError):
 # ---------------------------------------------------------------------------------------------
 # configs, recipes, files
 # ---------------------------------------------------------------------------------------------
-
-
-def from_dict_checked(cls, d: dict, what: str):
-    """``cls(**d)`` with a clear error naming unknown keys."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"unknown {what} option(s) {unknown}; valid: {sorted(known)}")
-    return cls(**d)
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:
@@ -115,22 +107,6 @@ def recipe_dict(recipe: str | os.PathLike, named: dict[str, dict], overrides: di
     if missing:
         raise ValueError(f"the config needs {missing} (e.g. --corpus, --run-dir)")
     return d
-
-
-def json_default(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
-
-
-def atomic_json(path: Path, obj: Any) -> None:
-    """Write JSON under a temporary name and rename: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=json_default) + "\n")
-    os.replace(tmp, path)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

@@ -55,6 +55,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit
 
+from vcc_dist.fileio import atomic_write_text
+
 if TYPE_CHECKING:  # pandas is imported lazily: the logger itself does not need it
     import pandas
 
@@ -174,15 +176,6 @@ def resolve_wandb_mode(mode: str) -> str:
 
 # ---------------------------------------------------------------- small helpers
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _to_float(name: str, value: Any) -> float:
     """A metric value as a Python float: floats, ints, numpy scalars and 0-d numpy arrays or
     torch tensors. (A CUDA tensor is copied to the host here: that is a device sync.)"""
@@ -247,7 +240,7 @@ def _truncate_csv(path: Path, resume_step: int) -> int:
                          f"expected 'step'); move it out of the run directory")
     kept = [r for r in rows if float(r[0]) <= resume_step]
     if len(kept) != len(rows):
-        _atomic_write_text(path, _csv_text(header, kept))
+        atomic_write_text(path, _csv_text(header, kept))
     return len(rows) - len(kept)
 
 
@@ -324,7 +317,7 @@ class RunLogger:
                                  f"to start a new wandb run")
             return run_id
         run_id = secrets.token_hex(4)  # 8 chars of [0-9a-f], valid for wandb
-        _atomic_write_text(path, run_id + "\n")
+        atomic_write_text(path, run_id + "\n")
         return run_id
 
     def _warn_wandb(self, what: str, exc: BaseException) -> None:
@@ -397,13 +390,13 @@ class RunLogger:
         new = [k for k in values if k not in header]
         if not header:
             header[:] = [*RESERVED_COLUMNS, *new]
-            _atomic_write_text(path, _csv_text(header, []))
+            atomic_write_text(path, _csv_text(header, []))
         elif new:
             # a metric first seen now: rewrite the file with the wider header (atomic)
             _, rows = _read_csv_rows(path)
             header.extend(new)
             rows = [r + [""] * (len(header) - len(r)) for r in rows]
-            _atomic_write_text(path, _csv_text(header, rows))
+            atomic_write_text(path, _csv_text(header, rows))
         row = [str(step), repr(time.time())] + [
             repr(values[c]) if c in values else "" for c in header[len(RESERVED_COLUMNS):]]
         with open(path, "a", newline="") as f:  # closed (flushed) per call: a kill keeps the row
@@ -430,7 +423,7 @@ class RunLogger:
         path = self.run_dir / SUMMARY_FILE
         current = json.loads(path.read_text()) if path.is_file() else {}
         current.update(clean)
-        _atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True, allow_nan=True) + "\n")
+        atomic_write_text(path, json.dumps(current, indent=2, sort_keys=True, allow_nan=True) + "\n")
         if self._wandb_run is not None:
             try:
                 self._wandb_run.summary.update(clean)

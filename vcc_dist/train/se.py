@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from vcc_dist.config import check_ints, from_dict_checked
 from vcc_dist.data.plans import CellStreamConfig
 from vcc_dist.train.engine import EngineConfig, OptimConfig
 from vcc_dist.train.loop import (
@@ -50,7 +51,6 @@ from vcc_dist.train.loop import (
     LoopHooks,
     Schedule,
     atomic_json,
-    from_dict_checked,
     recipe_dict,
 )
 
@@ -94,15 +94,9 @@ class SETrainConfig:
         for k in ("model", "data", "optim", "engine", "wandb"):
             if not isinstance(getattr(self, k), dict):
                 raise TypeError(f"SETrainConfig.{k} must be a dict of options")
-        for k in ("epochs", "keep_checkpoints", "log_every", "num_workers", "val_max_cells",
-                  "val_batch_size"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"SETrainConfig.{k}={v!r} must be a positive integer")
-        for k in ("max_steps", "checkpoint_every", "max_failures", "seed", "torch_threads"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"SETrainConfig.{k}={v!r} must be an integer >= 0")
+        check_ints(self, ("epochs", "keep_checkpoints", "log_every", "num_workers",
+                          "val_max_cells", "val_batch_size"),
+                   ("max_steps", "checkpoint_every", "max_failures", "seed", "torch_threads"))
         if not self.cpus_per_worker > 0:
             raise ValueError(f"cpus_per_worker={self.cpus_per_worker} must be > 0")
         from vcc_dist.models.se import SE_PRESETS, TARGET_PRESETS
@@ -242,7 +236,6 @@ def model_config_for(cfg: SETrainConfig, n_genes: int, gene_dim: int, n_datasets
 
 def prepare(cfg: SETrainConfig, *, progress: bool = False) -> SEPrep:
     """The driver's one-off work, cached in ``<run_dir>/prep`` (redone when its inputs change)."""
-    from vcc_dist.data.corpus import load_manifest
     from vcc_dist.data.plans import CellPlan
     from vcc_dist.data.reader import CorpusReader
     from vcc_dist.data.se_tokens import SETokenizer, gene_map_for
@@ -260,7 +253,8 @@ def prepare(cfg: SETrainConfig, *, progress: bool = False) -> SEPrep:
     if (prep_dir / "prep.json").is_file() and kf.is_file() and json.loads(kf.read_text()) == key:
         return SEPrep.load(prep_dir)
 
-    manifest = load_manifest(cfg.corpus)
+    reader = CorpusReader(cfg.corpus, normalize=False)  # raw counts: sentences are built from them
+    manifest = reader.manifest
     vocab = list(manifest.genes)
     names, table = load_gene_embeddings(cfg.gene_table)
     gene_map, missing = gene_map_for(vocab, names)
@@ -298,7 +292,6 @@ def prepare(cfg: SETrainConfig, *, progress: bool = False) -> SEPrep:
         rows = np.concatenate([np.arange(plan.start[b], plan.stop[b]) for b in blocks])
         pick = np.sort(np.random.default_rng([cfg.seed, 11]).permutation(rows.size)[:cfg.val_max_cells])
         st, rows = st[pick], rows[pick]
-        reader = CorpusReader(cfg.corpus, normalize=False)
         blk = reader.read_many(st, rows)
         tok = SETokenizer(mcfg, small_map, seed=cfg.seed + 1_000_003)(
             blk.indptr, blk.indices, blk.data, blk.totals, epoch=0, step=0, train=True)
@@ -311,7 +304,7 @@ def prepare(cfg: SETrainConfig, *, progress: bool = False) -> SEPrep:
     if tok:
         np.savez(prep_dir / VAL_TOKENS, **tok)
     prep = SEPrep(prep_dir, mcfg.to_dict(), table_genes, missing, table_sha,
-                  corpus_fingerprint(CorpusReader(cfg.corpus)), stores, steps, per_epoch, n_val)
+                  corpus_fingerprint(reader), stores, steps, per_epoch, n_val)
     atomic_json(prep_dir / "prep.json", prep.manifest())
     atomic_json(kf, key)
     return prep

@@ -49,6 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from vcc_dist.config import check_ints
+from vcc_dist.config import from_dict_checked as _from_dict
 from vcc_dist.data.plans import SetStreamConfig
 from vcc_dist.train.engine import EngineConfig, OptimConfig
 from vcc_dist.train.loop import (  # noqa: F401  (re-exported: jobs and tests use them here)
@@ -63,7 +65,6 @@ from vcc_dist.train.loop import (  # noqa: F401  (re-exported: jobs and tests us
     parse_overrides,
     recipe_dict,
 )
-from vcc_dist.train.loop import from_dict_checked as _from_dict
 
 LOSSES = ("energy", "sinkhorn", "mse")
 CHECKPOINT_KIND = "vcc-dist/st-checkpoint"
@@ -116,15 +117,10 @@ class STTrainConfig:
                 raise TypeError(f"STTrainConfig.{k} must be a dict of options")
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r}: choose one of {LOSSES}")
-        for k in ("epochs", "keep_checkpoints", "log_every", "num_workers", "val_max_cells",
-                  "val_max_controls", "val_sets_per_batch", "pseudobulk_max_cells"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"STTrainConfig.{k}={v!r} must be a positive integer")
-        for k in ("max_steps", "checkpoint_every", "max_failures", "seed", "torch_threads"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"STTrainConfig.{k}={v!r} must be an integer >= 0")
+        check_ints(self, ("epochs", "keep_checkpoints", "log_every", "num_workers",
+                          "val_max_cells", "val_max_controls", "val_sets_per_batch",
+                          "pseudobulk_max_cells"),
+                   ("max_steps", "checkpoint_every", "max_failures", "seed", "torch_threads"))
         if not self.cpus_per_worker > 0:
             raise ValueError(f"cpus_per_worker={self.cpus_per_worker} must be > 0")
         if not self.decoder_weight >= 0:
@@ -258,7 +254,7 @@ class Prep:
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         np.save(self.dir / FEATURES, self.features)
-        _atomic_json(self.dir / "prep.json", self.manifest())
+        atomic_json(self.dir / "prep.json", self.manifest())
 
     @classmethod
     def load(cls, d: str | os.PathLike) -> Prep:
@@ -268,9 +264,6 @@ class Prep:
                    m["feature_sources"], m["corpus_fingerprint"], m["normalization"], m["val"],
                    m["baselines"], m["steps_per_epoch"], m["batches_per_epoch"],
                    m.get("embeddings"))
-
-
-_atomic_json = atomic_json
 
 
 def _prep_key(cfg: STTrainConfig) -> dict:
@@ -359,7 +352,7 @@ def prepare(cfg: STTrainConfig, *, progress: bool = False) -> Prep:
                 table.sources, corpus_fingerprint(reader), norm, val, baselines, spe, n_batches,
                 emb)
     prep.save()
-    _atomic_json(d / "key.json", key)
+    atomic_json(d / "key.json", key)
     return prep
 
 

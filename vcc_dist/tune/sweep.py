@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vcc_dist.config import check_ints
 from vcc_dist.train.loop import atomic_json, merge
 
 #: named search spaces: dotted config key -> (kind, *args); kinds: loguniform, uniform,
@@ -151,14 +152,8 @@ class SweepConfig:
             raise ValueError(f"scheduler={self.scheduler!r}: choose one of {SCHEDULERS}")
         if self.searcher not in SEARCHERS:
             raise ValueError(f"searcher={self.searcher!r}: choose one of {SEARCHERS}")
-        for k in ("num_samples", "trial_workers", "grace_period", "reduction_factor"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"SweepConfig.{k}={v!r} must be a positive integer")
-        for k in ("max_concurrent", "max_t", "max_steps", "checkpoint_every", "seed"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"SweepConfig.{k}={v!r} must be an integer >= 0")
+        check_ints(self, ("num_samples", "trial_workers", "grace_period", "reduction_factor"),
+                   ("max_concurrent", "max_t", "max_steps", "checkpoint_every", "seed"))
         if not self.cpus_per_trial > 0 or self.gpus_per_trial < 0 or self.data_cpus < 0:
             raise ValueError("cpus_per_trial must be > 0, gpus_per_trial and data_cpus >= 0")
 
