@@ -76,9 +76,13 @@ def test_engine_config_validation():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
-def test_fp16_refused_on_cpu_and_auto_is_fp32():
-    with pytest.raises(ValueError, match="fp16.*not supported on CPU"):
-        EngineConfig(precision="fp16")
+def test_fp16_refused_for_cpu_workers_and_auto_is_fp32():
+    # the check is made against the workers' resources, not at construction (a CPU driver
+    # submits GPU runs and loads fp16-trained checkpoints)
+    cfg = EngineConfig(precision="fp16")
+    cfg.check_hardware(use_gpu=True)
+    with pytest.raises(ValueError, match="fp16.*needs GPU workers"):
+        cfg.check_hardware(use_gpu=False)
     assert EngineConfig(precision="auto").resolved_precision == "fp32"
 
 

@@ -1,10 +1,11 @@
-"""Atomic file writes: a reader (or a resumed job) never sees half a file.
+"""Atomic file writes (a reader, or a resumed job, never sees half a file) and file checksums.
 
 Every writer goes to a temporary name next to the target (unique per process and call), is
 flushed to disk, then renamed over the target in one step."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -12,6 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -28,21 +28,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
+import torch
+from tqdm.auto import tqdm
+
+from vcc_dist.checkpoint import SE_KIND, SEManifest, fp32_weights, open_checkpoint
+from vcc_dist.data.corpus import store_path
+from vcc_dist.data.embeddings import EmbeddingWriter, embedding_status
+from vcc_dist.data.reader import CorpusReader
+from vcc_dist.data.se_tokens import SETokenizer, gene_map_for
+from vcc_dist.models.se import SEConfig, SEModel
+from vcc_dist.ray_utils import ensure_ray
 
 
 @dataclass
 class LoadedSE:
-    model: Any            # vcc_dist.models.se.SEModel, eval mode, fp32, CPU
-    manifest: dict
+    model: SEModel        # eval mode, fp32, CPU
+    manifest: SEManifest
     path: Path
 
     @property
     def table_genes(self) -> list[str]:
-        return list(self.manifest["table_genes"])
+        return list(self.manifest.table_genes)
 
     def gene_map(self, vocab: list[str]) -> np.ndarray:
-        from vcc_dist.data.se_tokens import gene_map_for
-
         gm, _ = gene_map_for(list(vocab), self.table_genes)
         if (gm >= 0).sum() == 0:
             raise ValueError(f"no gene of this corpus's vocabulary is in the SE checkpoint's gene "
@@ -54,29 +63,18 @@ class LoadedSE:
         """What identifies the model in the embeddings' manifest."""
         return {"checkpoint": str(self.path),
                 "checkpoint_id": hashlib.sha256(json.dumps(
-                    [self.manifest.get("saved_at"), self.manifest.get("model_config"),
-                     self.manifest.get("trainer_state")], sort_keys=True).encode()).hexdigest()[:16],
-                "model": "SE", "step": self.manifest.get("trainer_state", {}).get("step")}
+                    [self.manifest.saved_at, self.manifest.model_config,
+                     self.manifest.trainer_state.to_dict()], sort_keys=True).encode()).hexdigest()[:16],
+                "model": "SE", "step": self.manifest.step}
 
 
 def load_se_checkpoint(path: str | os.PathLike, which: str = "best") -> LoadedSE:
-    """The fp32 SE model of a training checkpoint (any ZeRO stage) or run directory
-    (``which``: its best or latest checkpoint), without Ray or a process group."""
-    from vcc_dist.infer.st_predict import resolve_checkpoint
-    from vcc_dist.models.se import SEConfig, SEModel
-    from vcc_dist.train.engine import fp32_state_dict
-    from vcc_dist.train.loop import DS_DIR, DS_TAG, MANIFEST
-    from vcc_dist.train.se import CHECKPOINT_KIND, SETrainConfig
-
-    ck = resolve_checkpoint(path, which)
-    man = json.loads((ck / MANIFEST).read_text())
-    if man.get("kind") != CHECKPOINT_KIND:
-        raise ValueError(f"{ck} is not an SE checkpoint (kind {man.get('kind')!r}); pass the "
-                         "run directory or a checkpoint_* directory of jobs/pretrain_se.py")
-    stage = SETrainConfig.from_dict(man["train_config"]).engine_config().zero_stage
-    cfg = SEConfig.from_dict(man["model_config"])
-    model = SEModel(cfg)
-    model.load_state_dict(fp32_state_dict(ck / DS_DIR, DS_TAG, stage))
+    """The fp32 SE model of a training checkpoint (any ZeRO stage, any training precision:
+    an fp16/bf16 GPU checkpoint loads on a CPU) or run directory (``which``: its best or
+    latest checkpoint), without Ray or a process group (vcc_dist.checkpoint)."""
+    ck, man = open_checkpoint(path, which, SE_KIND)
+    model = SEModel(SEConfig.from_dict(man.model_config))
+    model.load_state_dict(fp32_weights(ck, man))
     model.eval()
     return LoadedSE(model, man, ck)
 
@@ -85,10 +83,6 @@ def embed_rows(loaded: LoadedSE, indptr, indices, counts, totals, gene_map: np.n
                with_dataset: bool = True, device=None, tokenizer=None) -> np.ndarray:
     """Embeddings [n, dim] of cells given as raw-count CSR over the corpus vocabulary
     (``tokenizer``: an SETokenizer of this model and gene map, reused across calls)."""
-    import torch
-
-    from vcc_dist.data.se_tokens import SETokenizer
-
     tok = tokenizer or SETokenizer(loaded.model.cfg, gene_map, seed=0)
     t = tok(indptr, indices, counts, totals, train=False)
     device = device or next(loaded.model.parameters()).device
@@ -100,13 +94,6 @@ def embed_rows(loaded: LoadedSE, indptr, indices, counts, totals, gene_map: np.n
 def _embed_store(ck_path: str, which: str, corpus: str, store: int, key: str, batch_size: int,
                  read_rows: int, with_dataset: bool, threads: int) -> dict:
     """One store, rows in order, into ``obsm/<key>`` (runs in a Ray task or inline)."""
-    import torch
-
-    from vcc_dist.data.corpus import store_path
-    from vcc_dist.data.embeddings import EmbeddingWriter
-    from vcc_dist.data.reader import CorpusReader
-    from vcc_dist.data.se_tokens import SETokenizer
-
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -144,9 +131,6 @@ def embed_corpus(checkpoint: str | os.PathLike, corpus: str | os.PathLike, *, ke
                  cpus_per_task: float = 1.0, progress: bool = True) -> dict:
     """Embed every store of ``corpus`` with an SE checkpoint (see the module docstring).
     Returns a summary: stores embedded / skipped, cells, seconds, cells/s."""
-    from vcc_dist.data.embeddings import embedding_status
-    from vcc_dist.data.reader import CorpusReader
-
     if parallel not in ("ray", "serial"):
         raise ValueError(f"parallel={parallel!r}: 'ray' or 'serial'")
     t0 = time.perf_counter()
@@ -168,8 +152,6 @@ def embed_corpus(checkpoint: str | os.PathLike, corpus: str | os.PathLike, *, ke
     results = []
     bar = None
     if progress and todo:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=int(reader.n_cells[todo].sum()), unit="cell", desc="embed_cells")
     if parallel == "serial" or not todo:
         for i in todo:
@@ -177,10 +159,6 @@ def embed_corpus(checkpoint: str | os.PathLike, corpus: str | os.PathLike, *, ke
             if bar:
                 bar.update(results[-1]["cells"])
     else:
-        import ray
-
-        from vcc_dist.ray_utils import ensure_ray
-
         ensure_ray()
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         task = ray.remote(_embed_store).options(num_cpus=cpus_per_task, num_gpus=gpus,

@@ -16,14 +16,29 @@ from __future__ import annotations
 
 import os
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
 
-from vcc_dist.constants import CONTROL_LABEL, PERT_KEY
+from vcc_dist.checkpoint import (
+    ST_KIND,
+    STManifest,
+    fp32_weights,
+    gather_checked_embeddings,
+    open_checkpoint,
+    st_features,
+)
+from vcc_dist.constants import BATCH_KEY, CONTROL_LABEL, PERT_KEY
+from vcc_dist.data.plans import SetStreamConfig
+from vcc_dist.data.reader import CorpusReader
+from vcc_dist.data.streams import cell_labels, set_plan
+from vcc_dist.models.st import STConfig, STModel
 
 
 @dataclass
@@ -174,69 +189,33 @@ class SubmissionWriter:
 
 @dataclass
 class LoadedST:
-    model: object          # vcc_dist.models.st.STModel, eval mode, fp32, CPU
-    manifest: dict
+    model: STModel         # eval mode, fp32, CPU
+    manifest: STManifest
     features: np.ndarray   # [C, P, D]
     path: Path
 
     @property
     def genes(self) -> list[str]:
-        return list(self.manifest["genes"])
+        return list(self.manifest.genes)
 
     @property
     def contexts(self) -> list[str]:
-        return list(self.manifest["labels"]["contexts"])
+        return self.manifest.contexts
 
     @property
     def perturbations(self) -> list[str]:
-        return list(self.manifest["labels"]["perturbations"])
-
-
-def resolve_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:
-    """A checkpoint directory, or a run directory (its ``best`` or ``latest`` checkpoint)."""
-    import json
-
-    p = Path(path)
-    if (p / "manifest.json").is_file():
-        return p
-    ref = p / f"{which}_checkpoint.json"
-    if ref.is_file():
-        return Path(json.loads(ref.read_text())["path"])
-    # a run stopped before it finished (a killed job, a trial stopped early by Tune) has no
-    # pointer files: pick from its complete checkpoints by their manifests
-    found = [c for c in p.glob("checkpoint_*") if (c / "manifest.json").is_file()]
-    if found:
-        if which == "latest":
-            return max(found, key=lambda c: c.name)
-
-        def score(c: Path) -> float:
-            v = json.loads((c / "manifest.json").read_text()).get("val_metrics") or {}
-            s = v.get("score", v.get("loss") and -v["loss"])
-            return float(s) if s is not None else float("-inf")
-
-        return max(found, key=lambda c: (score(c), c.name))
-    raise FileNotFoundError(f"{p} is neither a checkpoint (no manifest.json) nor a finished "
-                            f"run directory (no {ref.name}); pass a checkpoint_* directory")
+        return self.manifest.perturbations
 
 
 def load_st_checkpoint(path: str | os.PathLike, which: str = "best") -> LoadedST:
-    """The fp32 model of a training checkpoint (any ZeRO stage), without Ray or a process
-    group: DeepSpeed's own ZeRO-to-fp32 reconstruction for stages 1-3."""
-    import json
-
-    from vcc_dist.models.st import STConfig, STModel
-    from vcc_dist.train.engine import fp32_state_dict
-    from vcc_dist.train.st import CHECKPOINT_KIND, DS_DIR, DS_TAG, FEATURES, MANIFEST
-
-    ck = resolve_checkpoint(path, which)
-    man = json.loads((ck / MANIFEST).read_text())
-    if man.get("kind") != CHECKPOINT_KIND:
-        raise ValueError(f"{ck} is not an ST checkpoint (kind {man.get('kind')!r})")
-    model = STModel(STConfig.from_dict(man["model_config"]))
-    stage = int(man["train_config"]["engine"].get("zero_stage", 2))
-    model.load_state_dict(fp32_state_dict(ck / DS_DIR, DS_TAG, stage))
+    """The fp32 model of a training checkpoint or run directory (``which``: its best or
+    latest checkpoint), any ZeRO stage and training precision, without Ray or a process
+    group (vcc_dist.checkpoint)."""
+    ck, man = open_checkpoint(path, which, ST_KIND)
+    model = STModel(STConfig.from_dict(man.model_config))
+    model.load_state_dict(fp32_weights(ck, man))
     model.eval()
-    return LoadedST(model, man, np.load(ck / FEATURES), ck)
+    return LoadedST(model, man, st_features(ck), ck)
 
 
 def check_compatible(loaded: LoadedST, reader) -> None:
@@ -262,12 +241,6 @@ def predict_context(loaded: LoadedST, corpus: str | os.PathLike, context: str,
     Memory: at most ``max_set_controls`` control cells (sampled) are held to draw sets from;
     predictions go to the file one forward pass at a time; the controls are appended to the
     file in blocks of ``control_block`` cells."""
-    from tqdm.auto import tqdm
-
-    from vcc_dist.data.plans import SetStreamConfig
-    from vcc_dist.data.reader import CorpusReader
-    from vcc_dist.data.streams import set_plan
-
     man = loaded.manifest
     if context not in loaded.contexts:
         raise ValueError(f"context {context!r} is not one the model knows: {loaded.contexts}")
@@ -275,7 +248,16 @@ def predict_context(loaded: LoadedST, corpus: str | os.PathLike, context: str,
     if unknown:
         raise ValueError(f"{len(unknown)} perturbations are not in the model's perturbation "
                          f"map (e.g. {unknown[:5]}); its features cover only those")
-    norm = man["normalization"]
+    val = man.val or {}
+    if val.get("context") == context:
+        reused = sorted(set(counts) & set(val.get("perts", ())))
+        if reused:
+            warnings.warn(
+                f"{len(reused)} of the perturbations to predict in {context!r} (e.g. "
+                f"{reused[:5]}) are validation perturbations of this checkpoint: its selection "
+                "and its validation metrics saw them, so scores on them are optimistic; predict "
+                "perturbations disjoint from the split's validation set", stacklevel=2)
+    norm = man.normalization
     reader = CorpusReader(corpus, genes=loaded.genes, target_sum=norm["target_sum"])
     check_compatible(loaded, reader)
     ci = loaded.contexts.index(context)
@@ -288,15 +270,14 @@ def predict_context(loaded: LoadedST, corpus: str | os.PathLike, context: str,
     rng = np.random.default_rng(seed)
     k = np.arange(pool.n) if pool.n <= max_set_controls else np.sort(
         rng.choice(pool.n, max_set_controls, replace=False))
-    if man.get("embeddings"):  # ST on SE: the controls' SE embeddings are the input
-        from vcc_dist.train.st import _gather_embeddings
-
-        ctrl = _gather_embeddings(str(corpus), man["embeddings"], all_st[k], all_rw[k])
+    if man.embeddings:  # ST on SE: the controls' SE embeddings are the input
+        ctrl = gather_checked_embeddings(str(corpus), man.embeddings, all_st[k], all_rw[k])
     else:
         ctrl = reader.dense(reader.read_many(all_st[k], all_rw[k], normalize=True))
-    ctrl_batch = (control_batches(reader, plan.labels, all_st[k], all_rw[k], loaded.manifest)
+    ctrl_batch = (control_batches(reader, plan.labels, all_st[k], all_rw[k],
+                                  man.labels["batches"])
                   if loaded.model.cfg.n_batches else None)
-    S = int(man["model_config"]["cell_set_len"])
+    S = int(man.model_config["cell_set_len"])
     perts = list(counts)
     pidx = np.array([loaded.perturbations.index(p) for p in perts], np.int64)
     feats = loaded.features[ci, pidx]
@@ -318,17 +299,14 @@ def predict_context(loaded: LoadedST, corpus: str | os.PathLike, context: str,
 
 
 def control_batches(reader, labels, st: np.ndarray, rows: np.ndarray,
-                    manifest: dict | None = None) -> np.ndarray:
-    """Corpus-wide batch index of each control cell (for the batch embedding). With a
-    ``manifest``, the index is the one the model was trained with (by batch name); a batch the
-    model never saw is an error."""
-    from vcc_dist.constants import BATCH_KEY
-    from vcc_dist.data.streams import _cell_labels
-
-    idx = _cell_labels(reader, labels.store_maps, st, rows)["batch_index"].astype(np.int64)
-    if manifest is None:
+                    trained_batches: list[str] | None = None) -> np.ndarray:
+    """Corpus-wide batch index of each control cell (for the batch embedding). With
+    ``trained_batches`` (a checkpoint's batch names), the index is the one the model was
+    trained with (by batch name); a batch the model never saw is an error."""
+    idx = cell_labels(reader, labels.store_maps, st, rows)["batch_index"].astype(np.int64)
+    if trained_batches is None:
         return idx
-    trained = {b: i for i, b in enumerate(manifest["labels"]["batches"])}
+    trained = {b: i for i, b in enumerate(trained_batches)}
     names = [labels.names[BATCH_KEY][i] for i in idx]
     unknown = sorted({n for n in names if n not in trained})
     if unknown:
@@ -341,7 +319,6 @@ def make_forward(model, *, device=None, dtype=None):
     """The ``forward`` of :func:`run_sets` for a model (numpy in and out, no gradients): inputs
     cast to ``device``/``dtype`` (the engine's under DeepSpeed), gene-space output
     (``pred_genes`` when the model has a gene decoder)."""
-    import torch
 
     def forward(ctrl, feats, batch):
         with torch.no_grad():

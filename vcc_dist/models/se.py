@@ -62,15 +62,17 @@ TARGET_PRESETS: dict[str, tuple[int, int, int]] = {
 class SEConfig:
     """Typed, validated configuration of the SE model and of its cell sentences."""
 
-    n_genes: int                    # rows of the gene table (genes that have an embedding)
-    gene_dim: int                   # ESM2 embedding width (5,120 for ESM2-15B)
+    # from the data (0: not known yet; the SE trainer fills them in from the gene table and
+    # the corpus, so a training config's model section leaves them at 0)
+    n_genes: int = 0                # rows of the gene table (genes that have an embedding)
+    gene_dim: int = 0               # ESM2 embedding width (5,120 for ESM2-15B)
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
     d_hid: int = 512                # feed-forward width
     output_dim: int = 128           # cell embedding width
     dataset_dim: int = 16           # dataset embedding width (0: no dataset embedding/term)
-    n_datasets: int = 1             # classes of the dataset-classification head
+    n_datasets: int = 0             # classes of the dataset head (0: one per corpus store)
     n_bins: int = 10
     decoder_hidden: int = 256
     dropout: float = 0.0
@@ -92,10 +94,11 @@ class SEConfig:
     center_genes: bool = True
 
     def __post_init__(self) -> None:
-        check_ints(self, ("n_genes", "gene_dim", "d_model", "n_layers", "n_heads", "d_hid",
-                          "output_dim", "n_datasets", "n_bins", "decoder_hidden", "sentence_len",
+        check_ints(self, ("d_model", "n_layers", "n_heads", "d_hid",
+                          "output_dim", "n_bins", "decoder_hidden", "sentence_len",
                           "n_copies"),
-                   ("dataset_dim", "n_expressed", "n_unexpressed", "n_shared"))
+                   ("n_genes", "gene_dim", "n_datasets", "dataset_dim", "n_expressed",
+                    "n_unexpressed", "n_shared"))
         if self.n_targets < 1:
             raise ValueError("SEConfig: n_expressed + n_unexpressed + n_shared must be >= 1 "
                              "(the objective needs target genes)")
@@ -157,16 +160,23 @@ _PRESETS: dict[str, dict[str, Any]] = {
 SE_PRESETS = tuple(_PRESETS)
 
 
-def se_preset(name: str, n_genes: int, gene_dim: int, *, targets: str | None = None,
-              **overrides: Any) -> SEConfig:
-    """A named shape plus overrides; ``targets`` picks a :data:`TARGET_PRESETS` entry."""
+def preset_values(name: str, targets: str | None = None) -> dict[str, Any]:
+    """The model options a named shape (and a :data:`TARGET_PRESETS` entry) sets (a copy)."""
     if name not in _PRESETS:
         raise ValueError(f"SE preset {name!r} is unknown; choose one of {SE_PRESETS}")
     d = dict(_PRESETS[name])
-    if targets is not None:
+    if targets:
         if targets not in TARGET_PRESETS:
             raise ValueError(f"targets={targets!r}: choose one of {tuple(TARGET_PRESETS)}")
         d["n_expressed"], d["n_unexpressed"], d["n_shared"] = TARGET_PRESETS[targets]
+    return d
+
+
+def se_preset(name: str, n_genes: int, gene_dim: int, *, targets: str | None = None,
+              **overrides: Any) -> SEConfig:
+    """A named shape plus overrides; ``targets`` picks a :data:`TARGET_PRESETS` entry
+    (one dataset class unless ``n_datasets`` is given)."""
+    d = {"n_datasets": 1, **preset_values(name, targets)}
     known = {f.name for f in dataclasses.fields(SEConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -218,6 +228,10 @@ class SEModel(nn.Module):
 
     def __init__(self, cfg: SEConfig, gene_table: torch.Tensor | None = None):
         super().__init__()
+        if not (cfg.n_genes and cfg.gene_dim and cfg.n_datasets):
+            raise ValueError(f"SEModel needs a complete SEConfig: n_genes={cfg.n_genes}, "
+                             f"gene_dim={cfg.gene_dim}, n_datasets={cfg.n_datasets} (the SE "
+                             "trainer fills them in from the gene table and the corpus)")
         self.cfg = cfg
         table = torch.zeros(cfg.n_genes, cfg.gene_dim) if gene_table is None else gene_table.float()
         if tuple(table.shape) != (cfg.n_genes, cfg.gene_dim):

@@ -41,8 +41,10 @@ RESIDUALS = ("hidden", "input", "none")
 class STConfig:
     """Typed, validated configuration of the ST model. Derived values are properties."""
 
-    n_genes: int
-    pert_dim: int
+    # from the data (0: not known yet; the ST trainer fills them in from the corpus and the
+    # perturbation features, so a training config's model section leaves them at 0)
+    n_genes: int = 0
+    pert_dim: int = 0
     output_space: str = "genes"          # "genes": ctrl/pred live in gene space; "embedding": in embed_dim
     embed_dim: int | None = None         # required when output_space="embedding"
     hidden_dim: int = 672
@@ -57,7 +59,8 @@ class STConfig:
     attn_dropout: float = 0.0            # applied only in training
     residual: str = "hidden"
     relu: bool | None = None             # None: on for gene-space outputs, off for embeddings
-    n_batches: int = 0                   # >0: add nn.Embedding(n_batches, hidden_dim)
+    n_batches: int | str = 0             # >0: add nn.Embedding(n_batches, hidden_dim);
+    #                                      "auto": one per experimental batch of the corpus
     gene_decoder: bool = False           # embedding space only: MLP embed_dim -> n_genes
     gene_decoder_hidden: tuple[int, ...] = (1024, 1024, 512)
     cell_set_len: int = 128              # cells per set during training (the data side uses it)
@@ -70,14 +73,22 @@ class STConfig:
     def __post_init__(self) -> None:
         # Normalise list -> tuple so configs from JSON compare equal and stay hashable.
         object.__setattr__(self, "gene_decoder_hidden", tuple(self.gene_decoder_hidden))
-        for key in ("n_genes", "pert_dim", "hidden_dim", "n_encoder_layers", "n_decoder_layers",
+        for key in ("hidden_dim", "n_encoder_layers", "n_decoder_layers",
                     "n_layers", "n_heads", "ffn_dim", "cell_set_len"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"STConfig.{key}={v!r} must be a positive integer")
-        if isinstance(self.n_batches, bool) or not isinstance(self.n_batches, int) or self.n_batches < 0:
+        for key in ("n_genes", "pert_dim"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"STConfig.{key}={v!r} must be a positive integer (0: from the "
+                                 "data, filled in by the trainer)")
+        if self.n_batches != "auto" and (isinstance(self.n_batches, bool)
+                                         or not isinstance(self.n_batches, int)
+                                         or self.n_batches < 0):
             raise ValueError(f"STConfig.n_batches={self.n_batches!r} must be an integer >= 0 "
-                             "(0 disables the batch embedding)")
+                             "(0 disables the batch embedding) or 'auto' (one per batch of "
+                             "the corpus)")
         if self.output_space not in OUTPUT_SPACES:
             raise ValueError(f"STConfig.output_space={self.output_space!r}: choose one of {OUTPUT_SPACES}")
         if self.residual not in RESIDUALS:
@@ -101,7 +112,8 @@ class STConfig:
         if self.gene_decoder and self.output_space != "embedding":
             raise ValueError("STConfig.gene_decoder=True needs output_space='embedding' "
                              "(gene outputs need no decoder)")
-        if self.feature_shift and (self.output_space != "genes" or self.pert_dim < self.n_genes):
+        if self.feature_shift and (self.output_space != "genes"
+                                   or (self.complete and self.pert_dim < self.n_genes)):
             raise ValueError(f"STConfig.feature_shift needs gene outputs and pert_dim >= n_genes "
                              f"(got output_space={self.output_space!r}, pert_dim={self.pert_dim}, "
                              f"n_genes={self.n_genes}); put 'transfer' first in the features")
@@ -110,6 +122,11 @@ class STConfig:
                              "positive integers")
 
     # -- derived values (computed, never stored twice) --
+    @property
+    def complete(self) -> bool:
+        """Every data-derived value is known (a model can be built)."""
+        return self.n_genes > 0 and self.pert_dim > 0 and isinstance(self.n_batches, int)
+
     @property
     def input_dim(self) -> int:
         """Width of the control cells' input (and of the prediction): genes or embedding."""
@@ -148,6 +165,13 @@ _PRESETS: dict[str, dict[str, Any]] = {
                   "gene_decoder_hidden": (32,)},
 }
 ST_PRESETS = tuple(_PRESETS)
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    """The model options a named preset sets (a copy)."""
+    if name not in _PRESETS:
+        raise ValueError(f"preset name={name!r} is unknown; choose one of {ST_PRESETS}")
+    return dict(_PRESETS[name])
 
 
 def st_preset(name: str, n_genes: int, pert_dim: int, **overrides: Any) -> STConfig:
@@ -222,6 +246,11 @@ class STModel(nn.Module):
 
     def __init__(self, cfg: STConfig):
         super().__init__()
+        if not cfg.complete:
+            raise ValueError(f"STModel needs a complete STConfig: n_genes={cfg.n_genes}, "
+                             f"pert_dim={cfg.pert_dim}, n_batches={cfg.n_batches!r} (the ST "
+                             "trainer fills them in from the data; set them when building a "
+                             "model directly)")
         self.cfg = cfg
         h = cfg.hidden_dim
         self.pert_encoder = _mlp(cfg.pert_dim, h, h, cfg.n_encoder_layers, cfg.dropout)

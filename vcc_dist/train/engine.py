@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
@@ -50,8 +51,9 @@ class OptimConfig:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    warmup_steps: int = 100
-    total_steps: int = 10_000
+    # None: min(100, total_steps // 10), at least 1 (resolved with the run's length)
+    warmup_steps: int | None = None
+    total_steps: int = 0  # 0: the run's length (epochs x steps per epoch, or max_steps)
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     grad_accum_steps: int = 1  # micro-batches per optimizer step
@@ -69,11 +71,17 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.eps must be > 0, got {self.eps!r}")
         for key in ("warmup_steps", "total_steps", "grad_accum_steps"):
             v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool):
+            if (not isinstance(v, int) or isinstance(v, bool)) and not (
+                    key == "warmup_steps" and v is None):
                 raise TypeError(f"OptimConfig.{key} must be an int, got {v!r}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"OptimConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.total_steps <= self.warmup_steps:
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"OptimConfig.warmup_steps must be >= 0 (or null: derived), got "
+                             f"{self.warmup_steps}")
+        if self.total_steps < 0:
+            raise ValueError(f"OptimConfig.total_steps must be >= 0 (0: the run's length), got "
+                             f"{self.total_steps}")
+        if self.total_steps and self.warmup_steps is not None \
+                and self.total_steps <= self.warmup_steps:
             raise ValueError(
                 f"OptimConfig.total_steps ({self.total_steps}) must be > warmup_steps "
                 f"({self.warmup_steps}); raise total_steps or lower warmup_steps")
@@ -83,6 +91,18 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.grad_clip must be >= 0 (0 disables), got {self.grad_clip!r}")
         if self.grad_accum_steps < 1:
             raise ValueError(f"OptimConfig.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+
+    @property
+    def resolved(self) -> bool:
+        return self.total_steps > 0 and self.warmup_steps is not None
+
+    def resolve(self, run_steps: int) -> OptimConfig:
+        """The schedule of a run of ``run_steps`` optimizer steps: ``total_steps`` (if 0) is
+        the run's length, ``warmup_steps`` (if None) min(100, total // 10) and at least 1;
+        warm-up is capped below the total."""
+        total = self.total_steps or max(int(run_steps), 2)
+        warm = self.warmup_steps if self.warmup_steps is not None else min(100, max(1, total // 10))
+        return dataclasses.replace(self, total_steps=total, warmup_steps=min(int(warm), total - 1))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -95,7 +115,7 @@ class EngineConfig:
     """How DeepSpeed runs the model.
 
     precision: "fp32", "bf16", "auto" (bf16 when CUDA is available, else fp32) or "fp16"
-    (GPU only: DeepSpeed refuses fp16 on CPU, so it is refused here at construction).
+    (GPU only: DeepSpeed refuses fp16 on CPU; :meth:`check_hardware` refuses it for CPU workers).
     activation_checkpointing: recorded for the model to apply (DeepSpeed's own config section
     only affects its ``deepspeed.checkpointing`` API, which vcc-dist models do not use).
     offload_optimizer: ZeRO-Offload of optimizer states to CPU (stage >= 1). It uses DeepSpeed's
@@ -128,14 +148,20 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"EngineConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.precision == "fp16" and not _cuda_available():
-            raise ValueError(
-                "EngineConfig.precision='fp16' is not supported on CPU (DeepSpeed's CPU accelerator "
-                "has no fp16 training); use precision='fp32' or 'bf16' (or 'auto')")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("EngineConfig.offload_optimizer needs zero_stage >= 1, got zero_stage=0")
         if not isinstance(self.seed, int):
             raise TypeError(f"EngineConfig.seed must be an int, got {self.seed!r}")
+
+    def check_hardware(self, use_gpu: bool) -> None:
+        """Refuse settings the workers' hardware cannot run. ``use_gpu``: whether the workers
+        get GPUs (the driver's own hardware does not matter: a CPU-only driver submits GPU
+        runs, and a CPU machine loads any checkpoint). Trainers call it on the driver with the
+        run's ``use_gpu`` and again in each worker with what the worker sees."""
+        if self.precision == "fp16" and not use_gpu:
+            raise ValueError(
+                "engine.precision='fp16' needs GPU workers (DeepSpeed's CPU accelerator has no "
+                "fp16 training); set use_gpu=true, or precision='fp32', 'bf16' or 'auto'")
 
     @property
     def resolved_precision(self) -> str:
@@ -155,6 +181,9 @@ def lr_at(step: int, cfg: OptimConfig) -> float:
     lr * min_lr_ratio at total_steps, constant afterwards."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
+    if not cfg.resolved:
+        raise ValueError("OptimConfig is not resolved (total_steps=0 or warmup_steps=None): "
+                         "call cfg.resolve(run_steps) first")
     if step < cfg.warmup_steps:
         return cfg.lr * step / cfg.warmup_steps
     if step >= cfg.total_steps:
@@ -255,6 +284,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [g for g in groups if g["params"]]
 
 
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch. Trainers call it before they build the model (the
+    weights' initial values come from torch's generator), and :func:`build_engine` calls it
+    again, so that the same seed and world size give the same run."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def build_engine(model: torch.nn.Module, engine_cfg: EngineConfig, optim_cfg: OptimConfig,
                  micro_batch_size: int):
     """Wrap ``model`` in a DeepSpeed engine with AdamW and the warm-up/cosine scheduler.
@@ -268,13 +306,7 @@ def build_engine(model: torch.nn.Module, engine_cfg: EngineConfig, optim_cfg: Op
     import torch.distributed as dist
 
     _ensure_process_group()
-    random.seed(engine_cfg.seed)
-    try:
-        import numpy as np
-        np.random.seed(engine_cfg.seed % 2**32)
-    except ImportError:  # pragma: no cover
-        pass
-    torch.manual_seed(engine_cfg.seed)
+    seed_everything(engine_cfg.seed)
     torch.set_float32_matmul_precision(engine_cfg.matmul_precision)
 
     groups = param_groups(model, optim_cfg.weight_decay)

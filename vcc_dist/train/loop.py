@@ -23,96 +23,76 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vcc_dist.config import from_dict_checked  # noqa: F401  (re-exported)
-from vcc_dist.fileio import atomic_json, json_default  # noqa: F401  (re-exported)
-
-MANIFEST = "manifest.json"
-DS_DIR, DS_TAG = "deepspeed", "state"
-
-
-class CheckpointMismatch(ValueError):
-    """A checkpoint does not fit the data, features or config it is used with."""
+from vcc_dist.checkpoint import (
+    DS_DIR,
+    DS_TAG,
+    FORMAT_VERSION,
+    MANIFEST,
+    CheckpointMismatch,
+    latest_checkpoint,
+    read_manifest,
+)
+from vcc_dist.config import ConfigError, check_ints, merge, parse_overrides, recipe_dict
+from vcc_dist.fileio import atomic_json
+from vcc_dist.train.engine import EngineConfig, OptimConfig
+from vcc_dist.train.runlog import WandbConfig
 
 
 # ---------------------------------------------------------------------------------------------
-# configs, recipes, files
+# the run section every trainer config shares
 # ---------------------------------------------------------------------------------------------
 
 
-def _set_dotted(d: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    cur = d
-    for p in parts[:-1]:
-        cur = cur.setdefault(p, {})
-        if not isinstance(cur, dict):
-            raise ValueError(f"override {key!r}: {p!r} is not a section")  # noqa: TRY004
-    cur[parts[-1]] = value
+@dataclass(frozen=True)
+class RunSection:
+    """The options every training run has (ST and SE configs extend it): inputs and where the
+    run lives, its length and checkpoints, its workers and its logging."""
 
+    corpus: str = ""                       # corpus directory (data_conversion)
+    run_dir: str = ""                      # checkpoints, logs, prep cache; rerun = resume
+    name: str = ""                         # run name (default: basename of run_dir)
+    seed: int = 0                          # model init, stream order, sampling: same seed +
+    #                                        same num_workers = same run
+    epochs: int = 1
+    max_steps: int = 0                     # optimizer steps; 0 = epochs x steps per epoch
+    checkpoint_every: int = 0              # optimizer steps between checkpoints (with
+    #                                        validation); 0 = at the end of each epoch
+    keep_checkpoints: int = 2              # best by validation kept, plus the latest
+    log_every: int = 10                    # optimizer steps between training log rows
+    num_workers: int = 1                   # Ray Train workers
+    cpus_per_worker: float = 1.0           # CPUs reserved per worker (the data stream needs
+    #                                        at least one more CPU free)
+    torch_threads: int = 0                 # intra-op threads per worker; 0 = Ray's (its CPUs)
+    use_gpu: bool = False                  # one GPU per worker
+    max_failures: int = 2                  # worker-group restarts from the latest checkpoint
+    record_batches: bool = False           # workers/batches.jsonl: every (rank, epoch, step)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` strings (dotted keys into sections, values parsed as JSON when they
-    parse, else kept as strings) -> a nested dict."""
-    out: dict[str, Any] = {}
-    for p in pairs:
-        if "=" not in p:
-            raise ValueError(f"override {p!r} is not key=value (e.g. optim.lr=3e-4)")
-        k, v = p.split("=", 1)
-        try:
-            val = json.loads(v)
-        except json.JSONDecodeError:
-            val = v
-        _set_dotted(out, k.strip(), val)
-    return out
+    def __post_init__(self) -> None:
+        missing = [k for k in ("corpus", "run_dir") if not getattr(self, k)]
+        if missing:
+            raise ConfigError(f"the config needs {missing} (e.g. --corpus, --run-dir)")
+        check_ints(self, ("epochs", "keep_checkpoints", "log_every", "num_workers"),
+                   ("max_steps", "checkpoint_every", "max_failures", "seed", "torch_threads"))
+        if not (isinstance(self.cpus_per_worker, (int, float)) and self.cpus_per_worker > 0):
+            raise ConfigError(f"cpus_per_worker={self.cpus_per_worker!r} must be > 0")
 
+    @property
+    def run_name(self) -> str:
+        return self.name or Path(self.run_dir).name
 
-def merge(base: dict, over: dict) -> dict:
-    """Nested dict merge (``over`` wins; sections merge key by key)."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def recipe_dict(recipe: str | os.PathLike, named: dict[str, dict], overrides: dict | None,
-                top: dict[str, Any]) -> dict[str, Any]:
-    """A named recipe or a JSON/YAML recipe file, merged with nested ``overrides`` and
-    top-level values; checks that ``corpus`` and ``run_dir`` are set."""
-    if str(recipe) in named:
-        base = json.loads(json.dumps(named[str(recipe)]))
-    else:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ValueError(f"recipe {str(recipe)!r} is neither a named recipe {tuple(named)} "
-                             "nor a file")
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            base = yaml.safe_load(text)
-        else:
-            base = json.loads(text)
-        if not isinstance(base, dict):
-            raise ValueError(f"recipe file {path} must hold a mapping of options")
-    d = merge(base, overrides or {})
-    d = merge(d, {k: v for k, v in top.items() if v is not None})
-    missing = [k for k in ("corpus", "run_dir") if not d.get(k)]
-    if missing:
-        raise ValueError(f"the config needs {missing} (e.g. --corpus, --run-dir)")
-    return d
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint of a run directory (None if there is none)."""
-    found = [p for p in Path(run_dir).glob("checkpoint_*") if (p / MANIFEST).is_file()]
-    return max(found, key=lambda p: p.name) if found else None
+    def check_hardware(self, engine: EngineConfig) -> None:
+        """Hardware-dependent settings against what the workers get (not the driver)."""
+        engine.check_hardware(self.use_gpu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,9 +138,10 @@ class Schedule:
 
 
 def worker_loop(engine, batches: Callable, board: str, sched: Schedule, hooks: LoopHooks, *, run_dir: str,
-                run_name: str, config: dict, wandb: dict, optim: dict) -> dict | None:
+                run_name: str, config: dict, wandb: WandbConfig, optim: dict) -> dict | None:
     """Train with resume from ``ray.train.get_checkpoint()``; see the module docstring.
     Returns rank 0's summary (None on other ranks)."""
+    import ray
     import ray.train
     import torch
     import torch.distributed as dist
@@ -168,7 +149,7 @@ def worker_loop(engine, batches: Callable, board: str, sched: Schedule, hooks: L
     from vcc_dist.data.plans import StreamPosition
     from vcc_dist.data.streams import set_board
     from vcc_dist.train.engine import load_checkpoint, save_checkpoint
-    from vcc_dist.train.runlog import RunLogger, WandbConfig
+    from vcc_dist.train.runlog import RunLogger
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -183,7 +164,7 @@ def worker_loop(engine, batches: Callable, board: str, sched: Schedule, hooks: L
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            man = json.loads((Path(d) / MANIFEST).read_text())
+            man = read_manifest(d)
             if hooks.check_resume is not None:
                 hooks.check_resume(man)
             client = load_checkpoint(engine, Path(d) / DS_DIR, tag=DS_TAG)
@@ -191,7 +172,7 @@ def worker_loop(engine, batches: Callable, board: str, sched: Schedule, hooks: L
             resumed = True
 
     logger = RunLogger(run_path, run_name=run_name, config=config,
-                       wandb=WandbConfig.from_dict(wandb), enabled=rank == 0,
+                       wandb=wandb, enabled=rank == 0,
                        resume_step=state["step"] if resumed else None)
     if rank == 0 and resumed:
         print(f"[{hooks.tag}] resumed from step {state['step']} (epoch {state['epoch']}, "
@@ -199,6 +180,13 @@ def worker_loop(engine, batches: Callable, board: str, sched: Schedule, hooks: L
 
     step = int(state["step"])
     last_val: dict[str, float] = {}
+    zero_stage = int(engine.zero_optimization_stage())
+    # the Ray node of every rank, recorded in each checkpoint (multi-host runs)
+    node_ids = [ray.get_runtime_context().get_node_id()]
+    if world > 1:
+        gathered_nodes: list = [None] * world
+        dist.all_gather_object(gathered_nodes, node_ids[0])
+        node_ids = [str(n) for n in gathered_nodes]
 
     def checkpoint(epoch_next: int, consumed: list[int]) -> None:
         nonlocal last_val
@@ -226,8 +214,10 @@ def worker_loop(engine, batches: Callable, board: str, sched: Schedule, hooks: L
             if rank == 0:
                 if hooks.write_files is not None:
                     hooks.write_files(Path(tmp))
+                # the manifest is written last: a checkpoint without one is incomplete
                 atomic_json(Path(tmp) / MANIFEST, {
-                    "kind": hooks.kind, **hooks.manifest, "train_config": config,
+                    "kind": hooks.kind, "format_version": FORMAT_VERSION, **hooks.manifest,
+                    "zero_stage": zero_stage, "node_ids": node_ids, "train_config": config,
                     "optim": optim, "trainer_state": trainer_state, "val_metrics": last_val,
                     "saved_at": time.time()})
             metrics["score"] = score
@@ -306,7 +296,8 @@ def worker_loop(engine, batches: Callable, board: str, sched: Schedule, hooks: L
             break
         epoch += 1
         state["epoch"], state["consumed"] = epoch, []
-        checkpoint(epoch, [])  # end of epoch: validate and keep
+        if not sched.checkpoint_every:  # checkpoint_every replaces the per-epoch checkpoints
+            checkpoint(epoch, [])  # end of epoch: validate and keep
     logger.summary(step=step, best_val_score=state["best_score"],
                    wall_s=time.perf_counter() - t_start,
                    **{f"val_{k}": v for k, v in last_val.items()})
@@ -380,45 +371,123 @@ class RunStart:
     run_dir: Path
     prep: Any
     total_steps: int
-    optim: Any               # OptimConfig with total_steps set
+    optim: OptimConfig       # resolved: total_steps and warmup_steps set
     board: str               # the position board's name
     board_actor: Any
 
 
-def begin_run(cfg, prepare: Callable, check_resume: Callable, tag: str,
-              progress: bool) -> RunStart:
-    """The driver's preamble shared by trainers: resolve and record the run directory and
-    config, prepare (cached), derive the step budget, refuse a checkpoint made with other
-    inputs *before* any worker starts, join or start Ray, and create the stream's position
-    board."""
+class ResourcePlanError(ConfigError):
+    """The workers would take the resources the data stream needs (the run would hang)."""
+
+
+def check_resource_plan(num_workers: int, cpus_per_worker: float, use_gpu: bool,
+                        resources: dict[str, float], data_cpus: float = 1.0) -> None:
+    """Refuse a plan under which Ray Data gets no CPU: its read tasks take one whole CPU
+    each, so the workers' reservation must leave ``data_cpus`` free, or training waits
+    forever for its first batch. GPU workers need that many GPUs."""
+    cpus = float(resources.get("CPU", 0))
+    need = num_workers * cpus_per_worker
+    if need + data_cpus > cpus + 1e-9:
+        fit_cpw = (cpus - data_cpus) / num_workers if cpus > data_cpus else 0
+        hint = (f"e.g. cpus_per_worker={fit_cpw:g} (--set cpus_per_worker={fit_cpw:g})"
+                if fit_cpw >= 0.1 else f"e.g. num_workers={max(1, int(cpus - data_cpus))}")
+        raise ResourcePlanError(
+            f"{num_workers} workers x {cpus_per_worker:g} CPUs = {need:g} of the cluster's "
+            f"{cpus:g} CPUs leaves {max(cpus - need, 0):g} for the data stream, which needs "
+            f"{data_cpus:g} (its read tasks take one whole CPU each): the run would wait forever "
+            f"for data. Lower num_workers or cpus_per_worker ({hint}), or add CPUs to Ray")
+    if use_gpu and resources.get("GPU", 0) < num_workers:
+        raise ResourcePlanError(
+            f"use_gpu with {num_workers} workers needs {num_workers} GPUs; the cluster has "
+            f"{resources.get('GPU', 0):g}. Lower num_workers or set use_gpu=false")
+
+
+def _check_inputs(cfg) -> None:
+    """Cheap checks of the input paths before anything is written."""
+    corpus = Path(cfg.corpus)
+    if not (corpus / "corpus.json").is_file():
+        raise FileNotFoundError(f"corpus {cfg.corpus!r} is not a corpus directory (no "
+                                "corpus.json); convert h5ad files with jobs/convert.py first")
+    for key in ("split", "gene_table"):
+        v = getattr(cfg, key, None)
+        if v and not Path(v).is_file():
+            raise FileNotFoundError(f"{key} file {v!r} does not exist")
+
+
+def cached_prep(prep_dir: Path, key: dict, load: Callable):
+    """The prep cached in ``prep_dir`` if it was made for ``key``, else None."""
+    try:
+        if json.loads((prep_dir / "key.json").read_text()) == key:
+            return load(prep_dir)
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
+
+
+def begin_run(cfg, prepare: Callable, prep_key: Callable, load_prep: Callable,
+              check_resume: Callable, tag: str, progress: bool) -> RunStart:
+    """The driver's preamble shared by trainers. In this order, so that a refused run changes
+    nothing on disk: check the inputs and the hardware; prepare (or reuse the cached prep)
+    into a staging directory; refuse a checkpoint made with other inputs; join or start Ray
+    and refuse a resource plan that starves the data stream; only then create the run
+    directory, move the prep into ``<run_dir>/prep`` and write ``config.json``; finally
+    create the stream's position board.
+
+    ``prepare(cfg, out_dir, progress)`` writes a prep into ``out_dir`` and returns it;
+    ``prep_key(cfg)`` identifies a prep; ``load_prep(dir)`` reads one back."""
     import ray
 
     from vcc_dist.data.streams import position_board
     from vcc_dist.ray_utils import ensure_ray
 
     run_dir = Path(cfg.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     # absolute input paths: Ray Train runs each worker in its own working directory
     paths = {k: str(Path(getattr(cfg, k)).resolve()) for k in ("corpus", "split", "gene_table")
              if isinstance(getattr(cfg, k, None), str) and getattr(cfg, k)}
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir), **paths)
-    atomic_json(run_dir / "config.json", cfg.to_dict())
-    prep = prepare(cfg, progress=progress)
+    _check_inputs(cfg)
+    cfg.check_hardware(cfg.engine)
+    final = run_dir / "prep"
+    key = json.loads(json.dumps(prep_key(cfg), default=str))
+    prep = cached_prep(final, key, load_prep)
+    staging = None
+    try:
+        if prep is None:
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.prep-", dir=run_dir.parent))
+            prep = prepare(cfg, staging, progress=progress)
+            atomic_json(staging / "key.json", key)
+        latest = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+        if latest is not None:
+            check_resume(read_manifest(latest), prep)
+        ensure_ray()
+        check_resource_plan(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu,
+                            ray.cluster_resources())
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if staging is not None:
+            if final.exists():
+                old = run_dir / f".prep-old-{uuid.uuid4().hex[:8]}"
+                final.rename(old)
+                shutil.rmtree(old, ignore_errors=True)
+            staging.rename(final)
+            staging = None
+            prep = load_prep(final)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     total = cfg.max_steps or cfg.epochs * prep.steps_per_epoch
     if cfg.max_steps:
         cfg = dataclasses.replace(cfg, epochs=max(cfg.epochs,
                                                   math.ceil(cfg.max_steps / prep.steps_per_epoch)))
-    optim = cfg.optim_config(total)
-    latest = latest_checkpoint(run_dir)
-    if latest is not None:
-        check_resume(json.loads((latest / MANIFEST).read_text()), prep)
-    ensure_ray()
+    atomic_json(run_dir / "config.json", cfg.to_dict())
+    optim = cfg.optim.resolve(total)
     board = new_board_name(tag)
     actor = position_board(board)
     ray.data.DataContext.get_current().enable_progress_bars = bool(progress)
     return RunStart(cfg, run_dir, prep, total, optim, board, actor)
 
 
-__all__ = ["CheckpointMismatch", "FitResult", "LoopHooks", "Schedule", "atomic_json", "fit",
-           "from_dict_checked", "latest_checkpoint", "merge", "parse_overrides", "recipe_dict",
-           "worker_loop"]
+__all__ = ["DS_DIR", "DS_TAG", "MANIFEST", "CheckpointMismatch", "FitResult", "LoopHooks",
+           "ResourcePlanError", "RunSection", "RunStart", "Schedule", "atomic_json", "begin_run",
+           "cached_prep", "check_resource_plan", "fit", "latest_checkpoint", "merge",
+           "parse_overrides", "recipe_dict", "worker_loop"]

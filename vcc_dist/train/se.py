@@ -36,114 +36,136 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
 
-from vcc_dist.config import check_ints, from_dict_checked
-from vcc_dist.data.plans import CellStreamConfig
-from vcc_dist.train.engine import EngineConfig, OptimConfig
-from vcc_dist.train.loop import (
-    CheckpointMismatch,
-    LoopHooks,
-    Schedule,
-    atomic_json,
-    recipe_dict,
+from vcc_dist.checkpoint import SE_KIND, CheckpointMismatch, SEManifest
+from vcc_dist.config import ConfigError, build, check_ints, recipe_dict, take_derived, to_dict
+from vcc_dist.data.plans import CellPlan, CellStreamConfig
+from vcc_dist.data.reader import CorpusReader
+from vcc_dist.data.se_tokens import SESentences, SETokenizer, gene_map_for
+from vcc_dist.data.streams import cell_stream
+from vcc_dist.esm.embed import load_gene_embeddings
+from vcc_dist.fileio import atomic_json, file_sha256
+from vcc_dist.models.se import (
+    SE_PRESETS,
+    TARGET_PRESETS,
+    SEConfig,
+    SEModel,
+    preset_values,
+    se_loss,
 )
+from vcc_dist.train.engine import (
+    EngineConfig,
+    OptimConfig,
+    build_engine,
+    model_init_context,
+    seed_everything,
+)
+from vcc_dist.train.loop import (
+    LoopHooks,
+    RunSection,
+    Schedule,
+    begin_run,
+    fit,
+    worker_loop,
+)
+from vcc_dist.train.st_data import corpus_fingerprint
 
-CHECKPOINT_KIND = "vcc-dist/se-checkpoint"
+CHECKPOINT_KIND = SE_KIND
 GENE_TABLE = "gene_table.npy"
 GENE_MAP = "gene_map.npy"
 VAL_TOKENS = "val_tokens.npz"
 
 
-@dataclass(frozen=True)
-class SETrainConfig:
-    """Everything one SE pretraining run needs; JSON-serialisable (it crosses into workers)."""
+def _default_se_data() -> CellStreamConfig:
+    return CellStreamConfig(batch_size=32, val_fraction=0.05, normalize=False, genes="all")
 
-    corpus: str
-    run_dir: str
-    gene_table: str                        # gene_embeddings.pt/.npz of jobs/embed_genes.py
-    preset: str = "debug"                  # vcc_dist.models.se presets: debug, small, se600m
+
+@dataclass(frozen=True)
+class SETrainConfig(RunSection):
+    """Everything one SE pretraining run needs: the run section
+    (:class:`~vcc_dist.train.loop.RunSection`) and SE's own sections; JSON-serialisable with
+    :meth:`to_dict`; build one with :func:`se_recipe` or :meth:`from_dict`.
+
+    Derived values (never set them): ``data.seed`` is ``seed``; ``data.normalize`` (False)
+    and ``data.genes`` ("all"): sentences are built from raw counts of every gene;
+    ``model.n_genes`` and ``model.gene_dim`` come from the gene table. ``engine.zero_stage``
+    defaults to 3 with several workers and 0 with one (one worker has nothing to shard, and
+    stage 3 would cost it 10-20% of every step: benchmarks/se_speed.py)."""
+
+    DERIVED = {"data": ("seed", "normalize", "genes"), "model": ("n_genes", "gene_dim")}
+
+    gene_table: str = ""                   # gene_embeddings.pt/.npz of jobs/embed_genes.py
+    preset: str = "debug"                  # the model preset the model section started from
     targets: str = ""                      # "" (the preset's) or a TARGET_PRESETS name
-    model: dict = field(default_factory=dict)   # SEConfig overrides
-    data: dict = field(default_factory=dict)    # CellStreamConfig fields
-    optim: dict = field(default_factory=dict)   # OptimConfig fields
-    engine: dict = field(default_factory=dict)  # EngineConfig fields (ZeRO-3 with >1 worker)
-    epochs: int = 1
-    max_steps: int = 0                     # optimizer steps; 0 = epochs x steps per epoch
-    checkpoint_every: int = 0              # optimizer steps; 0 = end of each epoch only
-    keep_checkpoints: int = 2
-    log_every: int = 10
+    model: SEConfig = field(default_factory=SEConfig)
+    data: CellStreamConfig = field(default_factory=_default_se_data)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(zero_stage=0))
     val_max_cells: int = 512               # held-out cells in the validation loss
     val_batch_size: int = 64
-    num_workers: int = 1
-    cpus_per_worker: float = 1.0
-    torch_threads: int = 0
-    use_gpu: bool = False
-    max_failures: int = 2
-    seed: int = 0
-    record_batches: bool = False
-    wandb: dict = field(default_factory=dict)
-    name: str = ""
 
     def __post_init__(self) -> None:
-        for k in ("model", "data", "optim", "engine", "wandb"):
-            if not isinstance(getattr(self, k), dict):
-                raise TypeError(f"SETrainConfig.{k} must be a dict of options")
-        check_ints(self, ("epochs", "keep_checkpoints", "log_every", "num_workers",
-                          "val_max_cells", "val_batch_size"),
-                   ("max_steps", "checkpoint_every", "max_failures", "seed", "torch_threads"))
-        if not self.cpus_per_worker > 0:
-            raise ValueError(f"cpus_per_worker={self.cpus_per_worker} must be > 0")
-        from vcc_dist.models.se import SE_PRESETS, TARGET_PRESETS
-
+        super().__post_init__()
+        if not self.gene_table:
+            raise ConfigError("the config needs gene_table (--gene-table: gene_embeddings.pt "
+                              "from jobs/embed_genes.py)")
+        check_ints(self, ("val_max_cells", "val_batch_size"))
         if self.preset not in SE_PRESETS:
-            raise ValueError(f"preset={self.preset!r}: choose one of {SE_PRESETS}")
+            raise ConfigError(f"preset={self.preset!r}: choose one of {SE_PRESETS}")
         if self.targets and self.targets not in TARGET_PRESETS:
-            raise ValueError(f"targets={self.targets!r}: choose one of {tuple(TARGET_PRESETS)}")
-        self.optim_config(1)
-        self.engine_config()
-        self.stream_config()
+            raise ConfigError(f"targets={self.targets!r}: choose one of {tuple(TARGET_PRESETS)}")
+        if self.data.normalize or self.data.genes != "all" or self.data.seed != self.seed:
+            raise ConfigError("data.normalize, data.genes and data.seed are derived: build the "
+                              "config with SETrainConfig.from_dict")
 
-    @property
-    def run_name(self) -> str:
-        return self.name or Path(self.run_dir).name
-
+    # accessors (the sections are the values)
     def stream_config(self) -> CellStreamConfig:
-        d = {"batch_size": 32, "val_fraction": 0.05, "seed": self.seed, **self.data,
-             "normalize": False, "genes": "all"}  # sentences are built from raw counts
-        try:
-            return CellStreamConfig(**d)
-        except TypeError as e:
-            raise ValueError(f"data options: {e}; valid: "
-                             f"{[f.name for f in dataclasses.fields(CellStreamConfig)]}") from None
-
-    def optim_config(self, total_steps: int) -> OptimConfig:
-        d = {"lr": 3e-4, **self.optim}
-        if not d.get("total_steps"):
-            d["total_steps"] = max(int(total_steps), 2)
-        if "warmup_steps" not in d:
-            d["warmup_steps"] = min(100, max(1, d["total_steps"] // 10))
-        d["warmup_steps"] = min(int(d["warmup_steps"]), d["total_steps"] - 1)
-        return from_dict_checked(OptimConfig, d, "optim")
+        return self.data
 
     def engine_config(self) -> EngineConfig:
-        # ZeRO-3 shards across workers; one worker has nothing to shard, and stage 3 would cost
-        # it 10-20% of every step (benchmarks/se_speed.py), so it gets stage 0 unless set
-        stage = 3 if self.num_workers > 1 else 0
-        return from_dict_checked(EngineConfig, {"zero_stage": stage, "seed": self.seed,
-                                                **self.engine}, "engine")
+        return self.engine
+
+    def optim_config(self, run_steps: int) -> OptimConfig:
+        return self.optim.resolve(run_steps)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SETrainConfig:
-        return from_dict_checked(cls, dict(d), "SETrainConfig")
+        """The config from its nested-dict form: the model section starts from ``preset``'s
+        (and ``targets``') values, derived keys are filled in (refused when given otherwise),
+        and the ZeRO stage defaults by the number of workers."""
+        d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+        preset = d.get("preset", "debug")
+        if preset not in SE_PRESETS:
+            raise ConfigError(f"preset={preset!r}: choose one of {SE_PRESETS}")
+        if isinstance(d.get("model", {}), dict):
+            for k in cls.DERIVED["model"]:
+                take_derived(d, "model", k, 0)  # from the gene table, filled in by prepare()
+            d["model"] = {**preset_values(preset, d.get("targets") or None), **d["model"]}
+        if isinstance(d.get("data", {}), dict):
+            d["data"] = {"batch_size": 32, "val_fraction": 0.05, **d.get("data", {})}
+            take_derived(d, "data", "seed", d.get("seed", 0))
+            take_derived(d, "data", "normalize", False)
+            take_derived(d, "data", "genes", "all")
+        if isinstance(d.get("optim", {}), dict):
+            d["optim"] = {"lr": 3e-4, **d.get("optim", {})}
+        if isinstance(d.get("engine", {}), dict):
+            d["engine"] = {"zero_stage": 3 if int(d.get("num_workers", 1)) > 1 else 0,
+                           **d.get("engine", {})}
+        return build(cls, d)
 
 
 _RECIPES: dict[str, dict[str, Any]] = {
@@ -173,14 +195,19 @@ _RECIPES: dict[str, dict[str, Any]] = {
 RECIPES = tuple(_RECIPES)
 
 
+def recipe_values(name: str) -> dict[str, Any]:
+    """The options a named recipe sets (a copy), e.g. for ``--help`` and the recipe tests."""
+    if name not in _RECIPES:
+        raise ConfigError(f"recipe {name!r} is unknown; choose one of {RECIPES}")
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in _RECIPES[name].items()}
+
+
 def se_recipe(recipe: str | os.PathLike, overrides: dict | None = None, **top: Any) -> SETrainConfig:
     """A complete config from a named recipe (``RECIPES``) or a JSON/YAML file, merged with
-    nested ``overrides`` and top-level values (corpus, gene_table, run_dir, ...)."""
-    d = recipe_dict(recipe, _RECIPES, overrides, top)
-    if not d.get("gene_table"):
-        raise ValueError("the config needs gene_table (--gene-table: gene_embeddings.pt from "
-                         "jobs/embed_genes.py)")
-    return SETrainConfig.from_dict(d)
+    nested ``overrides`` and top-level values (corpus, gene_table, run_dir, ...); every key is
+    checked against the tree."""
+    return SETrainConfig.from_dict(recipe_dict(recipe, _RECIPES, overrides, top,
+                                               required=("corpus", "run_dir", "gene_table")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,38 +248,28 @@ class SEPrep:
         return np.load(self.dir / GENE_MAP)
 
 
-def _file_sha256(path: str | os.PathLike) -> str:
-    from vcc_dist.models.features import _sha256
-
-    return _sha256(Path(path))
-
-
-def model_config_for(cfg: SETrainConfig, n_genes: int, gene_dim: int, n_datasets: int):
-    from vcc_dist.models.se import se_preset
-
-    return se_preset(cfg.preset, n_genes, gene_dim, targets=cfg.targets or None,
-                     **{"n_datasets": n_datasets, **cfg.model})
+def model_config_for(cfg: SETrainConfig, n_genes: int, gene_dim: int, n_datasets: int) -> SEConfig:
+    """The complete model config: the model section with the data-derived values (one
+    dataset class per store unless ``model.n_datasets`` is set)."""
+    return dataclasses.replace(cfg.model, n_genes=n_genes, gene_dim=gene_dim,
+                               n_datasets=cfg.model.n_datasets or n_datasets)
 
 
-def prepare(cfg: SETrainConfig, *, progress: bool = False) -> SEPrep:
-    """The driver's one-off work, cached in ``<run_dir>/prep`` (redone when its inputs change)."""
-    from vcc_dist.data.plans import CellPlan
-    from vcc_dist.data.reader import CorpusReader
-    from vcc_dist.data.se_tokens import SETokenizer, gene_map_for
-    from vcc_dist.esm.embed import load_gene_embeddings
-    from vcc_dist.train.st_data import corpus_fingerprint
+def prep_key(cfg: SETrainConfig) -> dict:
+    """What a prep depends on (a changed key recomputes it)."""
+    return {"corpus": str(Path(cfg.corpus).resolve()),
+            "gene_table_sha256": file_sha256(cfg.gene_table), "model": to_dict(cfg.model),
+            "preset": cfg.preset, "targets": cfg.targets, "data": to_dict(cfg.data),
+            "val_max_cells": cfg.val_max_cells, "num_workers": cfg.num_workers,
+            "seed": cfg.seed, "grad_accum": cfg.optim.grad_accum_steps}
 
-    prep_dir = Path(cfg.run_dir) / "prep"
-    table_sha = _file_sha256(cfg.gene_table)
-    key = {"corpus": str(Path(cfg.corpus).resolve()), "gene_table_sha256": table_sha,
-           "model": cfg.model, "preset": cfg.preset, "targets": cfg.targets,
-           "data": dataclasses.asdict(cfg.stream_config()), "val_max_cells": cfg.val_max_cells,
-           "num_workers": cfg.num_workers, "seed": cfg.seed}
-    key = json.loads(json.dumps(key))
-    kf = prep_dir / "key.json"
-    if (prep_dir / "prep.json").is_file() and kf.is_file() and json.loads(kf.read_text()) == key:
-        return SEPrep.load(prep_dir)
 
+def prepare(cfg: SETrainConfig, out_dir: str | os.PathLike, *, progress: bool = False) -> SEPrep:
+    """The driver's one-off work, written to ``out_dir``: the gene table matched to the
+    corpus, the model config, the step count (cheap checks first), then the validation
+    sentences."""
+    prep_dir = Path(out_dir)
+    table_sha = file_sha256(cfg.gene_table)
     reader = CorpusReader(cfg.corpus, normalize=False)  # raw counts: sentences are built from them
     manifest = reader.manifest
     vocab = list(manifest.genes)
@@ -274,14 +291,14 @@ def prepare(cfg: SETrainConfig, *, progress: bool = False) -> SEPrep:
     stores = [s.name for s in manifest.stores]
     mcfg = model_config_for(cfg, len(table_genes), int(table.shape[1]), len(stores))
 
-    scfg = cfg.stream_config()
+    scfg = cfg.data
     plan = CellPlan(np.array([int(s.n_cells or 0) for s in manifest.stores]), scfg)
     per_epoch = plan.batches_per_epoch("train", cfg.num_workers)
     if per_epoch == 0:
-        raise ValueError(f"the corpus's training cells ({plan.n_cells('train')}) do not fill one "
-                         f"batch of {scfg.batch_size} per worker x {cfg.num_workers} workers")
-    accum = cfg.optim_config(1).grad_accum_steps
-    steps = max(1, per_epoch // cfg.num_workers // accum)
+        raise ConfigError(f"the corpus's training cells ({plan.n_cells('train')}) do not fill "
+                          f"one batch of {scfg.batch_size} per worker x {cfg.num_workers} "
+                          "workers; lower data.batch_size or num_workers")
+    steps = max(1, per_epoch // cfg.num_workers // cfg.optim.grad_accum_steps)
 
     # validation sentences: the held-out blocks' first cells, tokenised once
     n_val = 0
@@ -306,17 +323,16 @@ def prepare(cfg: SETrainConfig, *, progress: bool = False) -> SEPrep:
     prep = SEPrep(prep_dir, mcfg.to_dict(), table_genes, missing, table_sha,
                   corpus_fingerprint(reader), stores, steps, per_epoch, n_val)
     atomic_json(prep_dir / "prep.json", prep.manifest())
-    atomic_json(kf, key)
     return prep
 
 
-def check_resume(manifest: dict, prep: SEPrep) -> None:
+def check_resume(manifest: SEManifest, prep: SEPrep) -> None:
     """Refuse to resume a run whose checkpoint was made with other data, genes or model."""
     pm = prep.manifest()
     for k, what in (("corpus_fingerprint", "corpus"), ("table_genes", "gene table genes"),
                     ("gene_table_sha256", "gene table file"), ("model_config", "model config"),
                     ("stores", "corpus stores")):
-        if manifest.get(k) != pm.get(k):
+        if getattr(manifest, k) != pm.get(k):
             raise CheckpointMismatch(
                 f"the run's latest checkpoint was trained with another {what} than this config "
                 "gives; use a new run_dir (or the original inputs) to resume")
@@ -328,8 +344,6 @@ def check_resume(manifest: dict, prep: SEPrep) -> None:
 
 
 def _to(batch: dict, key: str, device, dtype=None):
-    import torch
-
     v = batch[key]
     v = v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
     return v.to(device=device, dtype=dtype) if dtype is not None else v.to(device)
@@ -337,8 +351,6 @@ def _to(batch: dict, key: str, device, dtype=None):
 
 def se_step_inputs(batch: dict, device, dtype):
     """Flatten a tokenised batch's copies: [B, C, ...] -> [B*C, ...] model inputs and targets."""
-    import torch
-
     ids = _to(batch, "gene_ids", device).long()
     b, c, k = ids.shape
     expr = _to(batch, "expr", device, dtype).reshape(b * c, k)
@@ -354,14 +366,6 @@ def se_step_inputs(batch: dict, device, dtype):
 
 def train_loop_per_worker(config: dict) -> dict | None:
     """Ray Train worker function (see the module docstring)."""
-    import ray.train
-    import torch
-    import torch.distributed as dist
-
-    from vcc_dist.models.se import SEConfig, SEModel, se_loss
-    from vcc_dist.train.engine import build_engine, model_init_context
-    from vcc_dist.train.loop import worker_loop
-
     cfg = SETrainConfig.from_dict(config["cfg"])
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
@@ -369,11 +373,13 @@ def train_loop_per_worker(config: dict) -> dict | None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     mcfg = SEConfig.from_dict(prep.model_config)
-    ecfg = cfg.engine_config()
+    ecfg = cfg.engine
+    ecfg.check_hardware(torch.cuda.is_available())  # what this worker really has
     if ecfg.activation_checkpointing and not mcfg.activation_checkpointing:
         mcfg = dataclasses.replace(mcfg, activation_checkpointing=True)
     optim_cfg = OptimConfig(**config["optim"])
-    B = cfg.stream_config().batch_size
+    B = cfg.data.batch_size
+    seed_everything(ecfg.seed)  # before the model: its initial weights come from torch's RNG
     with model_init_context(ecfg, optim_cfg, B):  # ZeRO-3: parameters partitioned as built
         model = SEModel(mcfg, torch.from_numpy(prep.gene_table()))
     engine, _ = build_engine(model, ecfg, optim_cfg, micro_batch_size=B)
@@ -418,8 +424,6 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 "loss_dataset": ds_l}
 
     def write_files(d: Path) -> None:
-        import shutil
-
         shutil.copy(prep.dir / GENE_MAP, d / GENE_MAP)
 
     hooks = LoopHooks(step=step, manifest=prep.manifest(),
@@ -452,16 +456,11 @@ class SEResult:
 
 def train_se(cfg: SETrainConfig, *, progress: bool = True) -> SEResult:
     """Run (or resume) one SE pretraining run; see the module docstring."""
-    from vcc_dist.data.se_tokens import SESentences
-    from vcc_dist.data.streams import cell_stream
-    from vcc_dist.models.se import SEConfig
-    from vcc_dist.train.loop import begin_run, fit
-
     t0 = time.perf_counter()
-    rs = begin_run(cfg, prepare, check_resume, "se", progress)
+    rs = begin_run(cfg, prepare, prep_key, SEPrep.load, check_resume, "se", progress)
     cfg, prep, run_dir = rs.cfg, rs.prep, rs.run_dir
     mcfg = SEConfig.from_dict(prep.model_config)
-    stream = cell_stream(cfg.corpus, cfg.stream_config(), split="train",
+    stream = cell_stream(cfg.corpus, cfg.data, split="train",
                          world_size=cfg.num_workers, board=rs.board,
                          transform=SESentences(mcfg, prep.gene_map(), seed=cfg.seed))
     res = fit(train_loop_per_worker,
@@ -475,5 +474,6 @@ def train_se(cfg: SETrainConfig, *, progress: bool = True) -> SEResult:
                     res.return_value, prep, time.perf_counter() - t0)
 
 
-__all__ = ["RECIPES", "SEPrep", "SEResult", "SETrainConfig", "check_resume", "prepare",
-           "se_recipe", "train_se"]
+__all__ = ["CHECKPOINT_KIND", "RECIPES", "SEPrep", "SEResult", "SETrainConfig", "check_resume",
+           "model_config_for", "prep_key", "prepare", "recipe_values", "se_recipe",
+           "se_step_inputs", "train_loop_per_worker", "train_se"]

@@ -43,137 +43,157 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anndata as ad
 import numpy as np
+import pandas as pd
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
 
-from vcc_dist.config import check_ints
-from vcc_dist.config import from_dict_checked as _from_dict
-from vcc_dist.data.plans import SetStreamConfig
-from vcc_dist.train.engine import EngineConfig, OptimConfig
-from vcc_dist.train.loop import (  # noqa: F401  (re-exported: jobs and tests use them here)
-    DS_DIR,
-    DS_TAG,
-    MANIFEST,
+from vcc_dist.checkpoint import (
+    FEATURES,
+    ST_KIND,
     CheckpointMismatch,
-    LoopHooks,
-    Schedule,
-    atomic_json,
-    latest_checkpoint,
-    parse_overrides,
-    recipe_dict,
+    STManifest,
+    gather_checked_embeddings,
 )
+from vcc_dist.config import (
+    ConfigError,
+    build,
+    check_ints,
+    recipe_dict,
+    take_derived,
+    to_dict,
+)
+from vcc_dist.constants import CONTROL_LABEL, PERT_KEY
+from vcc_dist.data.embeddings import CorpusEmbeddings, embedding_status
+from vcc_dist.data.labels import corpus_labels
+from vcc_dist.data.plans import SetStreamConfig
+from vcc_dist.data.reader import CorpusReader
+from vcc_dist.data.splits import has_role
+from vcc_dist.data.streams import set_plan, set_stream
+from vcc_dist.fileio import atomic_json
+from vcc_dist.infer.st_predict import control_batches, make_forward, plan_sets, run_sets
+from vcc_dist.metrics import vcc
+from vcc_dist.models.losses import st_loss
+from vcc_dist.models.st import ST_PRESETS, STConfig, STModel, preset_values
+from vcc_dist.train.engine import EngineConfig, OptimConfig, build_engine, seed_everything
+from vcc_dist.train.loop import (
+    LoopHooks,
+    RunSection,
+    Schedule,
+    begin_run,
+    fit,
+    worker_loop,
+)
+from vcc_dist.train.st_data import build_features, corpus_fingerprint, group_means, heldout_groups
 
 LOSSES = ("energy", "sinkhorn", "mse")
-CHECKPOINT_KIND = "vcc-dist/st-checkpoint"
-FEATURES = "features.npy"
+CHECKPOINT_KIND = ST_KIND
 
 
 @dataclass(frozen=True)
-class STTrainConfig:
-    """Everything one ST run needs; JSON-serialisable (it crosses into Ray workers)."""
+class STTrainConfig(RunSection):
+    """Everything one ST run needs: the run section (:class:`~vcc_dist.train.loop.RunSection`)
+    and ST's own sections. JSON-serialisable (it crosses into Ray workers) with
+    :meth:`to_dict`; build one with :func:`st_recipe` or :meth:`from_dict`.
 
-    corpus: str
-    split: str | None
-    run_dir: str
-    preset: str = "debug"                  # vcc_dist.models.st presets: debug, state_sm
-    model: dict = field(default_factory=dict)   # STConfig overrides
+    Derived values (never set them): ``data.set_size`` is ``model.cell_set_len`` (training,
+    validation and prediction all use it); ``data.seed`` is ``seed``; ``model.n_genes`` and
+    ``model.pert_dim`` come from the corpus and the features."""
+
+    DERIVED = {"data": ("set_size", "seed"), "model": ("n_genes", "pert_dim")}
+
+    split: str | None = None               # split TOML (training/validation/test roles)
+    preset: str = "debug"                  # the model preset the model section started from
+    model: STConfig = field(default_factory=STConfig)
     features: tuple[str, ...] = ("onehot",)     # "onehot", "transfer", or {gene: vector} .pt paths
-    data: dict = field(default_factory=dict)    # SetStreamConfig fields (set_size from the model)
-    optim: dict = field(default_factory=dict)   # OptimConfig fields (total_steps derived if 0)
-    engine: dict = field(default_factory=dict)  # EngineConfig fields
+    data: SetStreamConfig = field(default_factory=lambda: SetStreamConfig(target_sum="store"))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     loss: str = "energy"
     decoder_weight: float = 1.0
-    epochs: int = 1
-    max_steps: int = 0                     # optimizer steps; 0 = epochs x steps per epoch
-    checkpoint_every: int = 0              # optimizer steps; 0 = end of each epoch only
-    keep_checkpoints: int = 2
-    log_every: int = 10
     val_role: str = "val"                  # split role scored during training ("" = none)
     val_max_cells: int = 256               # real cells per validation perturbation (sampled)
     val_max_controls: int = 512
     val_sets_per_batch: int = 16
     pseudobulk_max_cells: int = 2000
-    num_workers: int = 1
-    cpus_per_worker: float = 1.0
-    torch_threads: int = 0                 # intra-op threads per worker; 0 = Ray's (its CPUs)
-    use_gpu: bool = False
-    max_failures: int = 2
-    seed: int = 0
-    record_batches: bool = False           # workers/batches.jsonl: every (rank, epoch, step) consumed
-    wandb: dict = field(default_factory=dict)   # vcc_dist.train.runlog.WandbConfig fields
-    name: str = ""                         # run name (default: basename of run_dir)
     # ST on SE: the obsm key of the corpus's cell embeddings (jobs/embed_cells.py). Control and
     # perturbed sets are then embeddings, the model works in embedding space and its gene
     # decoder maps predictions to genes (trained with decoder_weight x the loss on genes).
     embeddings: str = ""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "features", tuple(self.features))
-        for k in ("model", "data", "optim", "engine", "wandb"):
-            if not isinstance(getattr(self, k), dict):
-                raise TypeError(f"STTrainConfig.{k} must be a dict of options")
         if self.loss not in LOSSES:
-            raise ValueError(f"loss={self.loss!r}: choose one of {LOSSES}")
-        check_ints(self, ("epochs", "keep_checkpoints", "log_every", "num_workers",
-                          "val_max_cells", "val_max_controls", "val_sets_per_batch",
-                          "pseudobulk_max_cells"),
-                   ("max_steps", "checkpoint_every", "max_failures", "seed", "torch_threads"))
-        if not self.cpus_per_worker > 0:
-            raise ValueError(f"cpus_per_worker={self.cpus_per_worker} must be > 0")
+            raise ConfigError(f"loss={self.loss!r}: choose one of {LOSSES}")
+        if self.preset not in ST_PRESETS:
+            raise ConfigError(f"preset={self.preset!r}: choose one of {ST_PRESETS}")
+        check_ints(self, ("val_max_cells", "val_max_controls", "val_sets_per_batch",
+                          "pseudobulk_max_cells"))
         if not self.decoder_weight >= 0:
-            raise ValueError(f"decoder_weight={self.decoder_weight} must be >= 0")
+            raise ConfigError(f"decoder_weight={self.decoder_weight} must be >= 0")
         if not self.features:
-            raise ValueError("features is empty: use 'onehot', 'transfer' or a .pt file")
-        # fail here, not inside a worker
-        self.optim_config(1)
-        EngineConfig(**{"seed": self.seed, **self.engine})
-        self.stream_config()
+            raise ConfigError("features is empty: use 'onehot', 'transfer' or a .pt file")
+        if self.data.set_size != self.model.cell_set_len or self.data.seed != self.seed:
+            raise ConfigError("data.set_size and data.seed are derived from model.cell_set_len "
+                              "and seed: build the config with STTrainConfig.from_dict")
+        if self.model.feature_shift and self.features[0] != "transfer":
+            raise ConfigError("model.feature_shift adds the first features to the prediction: "
+                              "they must be 'transfer' (put it first in features)")
+        if self.model.output_space != "genes" and not self.embeddings:
+            raise ConfigError("model.output_space='embedding' trains on SE cell embeddings: set "
+                              "embeddings=<obsm key> (e.g. X_se, written by jobs/embed_cells.py)")
 
-    # -- derived configs --
-    @property
-    def run_name(self) -> str:
-        return self.name or Path(self.run_dir).name
-
+    # accessors (the sections are the values)
     def stream_config(self) -> SetStreamConfig:
-        from vcc_dist.models.st import _PRESETS
-
-        d = {"set_size": self.model.get("cell_set_len", _PRESETS.get(self.preset, {})
-                                        .get("cell_set_len", 128)),
-             "target_sum": "store", "seed": self.seed, **self.data}
-        try:
-            return SetStreamConfig(**d)
-        except TypeError as e:
-            raise ValueError(f"data options: {e}; valid: "
-                             f"{[f.name for f in dataclasses.fields(SetStreamConfig)]}") from None
-
-    def optim_config(self, total_steps: int) -> OptimConfig:
-        d = dict(self.optim)
-        if not d.get("total_steps"):
-            d["total_steps"] = max(int(total_steps), 2)
-        if "warmup_steps" not in d:
-            d["warmup_steps"] = min(100, max(1, d["total_steps"] // 10))
-        d["warmup_steps"] = min(int(d["warmup_steps"]), d["total_steps"] - 1)
-        return _from_dict(OptimConfig, d, "optim")
+        return self.data
 
     def engine_config(self) -> EngineConfig:
-        return _from_dict(EngineConfig, {"seed": self.seed, **self.engine}, "engine")
+        return self.engine
+
+    def optim_config(self, run_steps: int) -> OptimConfig:
+        return self.optim.resolve(run_steps)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["features"] = list(self.features)
-        return d
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> STTrainConfig:
-        return _from_dict(cls, dict(d), "STTrainConfig")
+        """The config from its nested-dict form: the model section starts from ``preset``'s
+        values, the derived keys are filled in (and refused when given otherwise)."""
+        d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+        preset = d.get("preset", "debug")
+        if preset not in ST_PRESETS:
+            raise ConfigError(f"preset={preset!r}: choose one of {ST_PRESETS}")
+        model = d.get("model") or {}
+        if isinstance(model, dict):
+            for k in cls.DERIVED["model"]:
+                take_derived(d, "model", k, 0)  # from the data, filled in by prepare()
+            d["model"] = {**preset_values(preset), **d["model"]}
+            set_len = d["model"].get("cell_set_len", STConfig.cell_set_len)
+        else:
+            set_len = model.cell_set_len
+        if isinstance(d.get("data", {}), dict):
+            d.setdefault("data", {}).setdefault("target_sum", "store")
+            take_derived(d, "data", "set_size", set_len)
+            take_derived(d, "data", "seed", d.get("seed", 0))
+        return build(cls, d)
 
 
 # ---------------------------------------------------------------------------------------------
 # recipes
 # ---------------------------------------------------------------------------------------------
+
+_DEMO_MODEL = {"hidden_dim": 256, "n_encoder_layers": 2, "n_decoder_layers": 2, "n_layers": 2,
+               "n_heads": 4, "ffn_dim": 512, "cell_set_len": 32, "residual": "input"}
 
 _RECIPES: dict[str, dict[str, Any]] = {
     # seconds on CPU: tests and smoke runs
@@ -185,9 +205,7 @@ _RECIPES: dict[str, dict[str, Any]] = {
               "log_every": 2, "val_max_cells": 64, "val_max_controls": 128},
     # the main job's model: a few CPU minutes on the small simulated data set
     "demo": {"preset": "debug",
-             "model": {"hidden_dim": 256, "n_encoder_layers": 2, "n_decoder_layers": 2,
-                       "n_layers": 2, "n_heads": 4, "ffn_dim": 512, "cell_set_len": 32,
-                       "residual": "input", "feature_shift": True, "zero_init_output": True},
+             "model": {**_DEMO_MODEL, "feature_shift": True, "zero_init_output": True},
              "data": {"batch_size": 8, "block_rows": 8},
              "features": ["transfer", "onehot"], "epochs": 8,
              "optim": {"lr": 3e-4, "weight_decay": 0.01}, "engine": {"zero_stage": 2},
@@ -195,9 +213,7 @@ _RECIPES: dict[str, dict[str, Any]] = {
     # ST on SE embeddings (needs jobs/embed_cells.py first): the demo's set transformer in
     # embedding space, a delta on the control embeddings, and a gene decoder
     "demo_se": {"preset": "debug", "embeddings": "X_se",
-                "model": {"hidden_dim": 256, "n_encoder_layers": 2, "n_decoder_layers": 2,
-                          "n_layers": 2, "n_heads": 4, "ffn_dim": 512, "cell_set_len": 32,
-                          "residual": "input", "gene_decoder_hidden": [512, 1024]},
+                "model": {**_DEMO_MODEL, "gene_decoder_hidden": [512, 1024]},
                 "data": {"batch_size": 8, "block_rows": 8},
                 "features": ["transfer", "onehot"], "epochs": 8, "decoder_weight": 1.0,
                 "optim": {"lr": 3e-4, "weight_decay": 0.01}, "engine": {"zero_stage": 2},
@@ -211,13 +227,18 @@ _RECIPES: dict[str, dict[str, Any]] = {
 RECIPES = tuple(_RECIPES)
 
 
+def recipe_values(name: str) -> dict[str, Any]:
+    """The options a named recipe sets (a copy), e.g. for ``--help`` and the recipe tests."""
+    if name not in _RECIPES:
+        raise ConfigError(f"recipe {name!r} is unknown; choose one of {RECIPES}")
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in _RECIPES[name].items()}
+
+
 def st_recipe(recipe: str | os.PathLike, overrides: dict | None = None, **top: Any) -> STTrainConfig:
     """A complete config from a named recipe (``RECIPES``) or a JSON/YAML recipe file (e.g.
     the best config a Tune sweep wrote), merged with nested ``overrides`` and top-level
-    keyword values (corpus, split, run_dir, ...)."""
-    d = recipe_dict(recipe, _RECIPES, overrides, top)
-    d.setdefault("split", None)
-    return STTrainConfig.from_dict(d)
+    keyword values (corpus, split, run_dir, ...). Every key is checked against the tree."""
+    return STTrainConfig.from_dict(recipe_dict(recipe, _RECIPES, overrides, top))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +251,7 @@ class Prep:
     """What the driver prepares once and every worker reads (``<run_dir>/prep``)."""
 
     dir: Path
-    model_config: dict
+    model_config: dict            # complete: n_genes, pert_dim, n_batches filled in
     genes: list[str]
     labels: dict
     features: np.ndarray          # [C, P, D]
@@ -244,6 +265,7 @@ class Prep:
     embeddings: dict | None = None  # ST on SE: {"key", "dim", "model"} of the cell embeddings
 
     def manifest(self) -> dict:
+        """The trainer's part of every checkpoint manifest (vcc_dist.checkpoint.STManifest)."""
         return {"model_config": self.model_config, "genes": self.genes, "labels": self.labels,
                 "feature_sources": self.feature_sources, "feature_shape": list(self.features.shape),
                 "corpus_fingerprint": self.corpus_fingerprint,
@@ -266,93 +288,87 @@ class Prep:
                    m.get("embeddings"))
 
 
-def _prep_key(cfg: STTrainConfig) -> dict:
+def prep_key(cfg: STTrainConfig) -> dict:
+    """What a prep depends on (a changed key recomputes it)."""
     return {"corpus": str(Path(cfg.corpus).resolve()), "split": cfg.split,
-            "features": list(cfg.features), "data": dataclasses.asdict(cfg.stream_config()),
+            "features": list(cfg.features), "data": to_dict(cfg.data),
             "val": [cfg.val_role, cfg.val_max_cells, cfg.val_max_controls],
-            "pb": cfg.pseudobulk_max_cells, "model": cfg.model, "preset": cfg.preset,
-            "workers": cfg.num_workers, "seed": cfg.seed, "embeddings": _embedding_state(cfg)}
+            "pb": cfg.pseudobulk_max_cells, "model": to_dict(cfg.model), "preset": cfg.preset,
+            "workers": cfg.num_workers, "seed": cfg.seed, "embeddings": _embedding_state(cfg),
+            "grad_accum": cfg.optim.grad_accum_steps}
 
 
 def _embedding_state(cfg: STTrainConfig) -> dict | None:
     """The corpus embeddings' manifests (a re-embedded corpus invalidates the prep cache)."""
     if not cfg.embeddings:
         return None
-    from vcc_dist.data.embeddings import embedding_status
-
-    st = embedding_status(cfg.corpus, cfg.embeddings)
-    return json.loads(json.dumps({"key": cfg.embeddings, "stores": st}, default=str))
+    return {"key": cfg.embeddings, "stores": embedding_status(cfg.corpus, cfg.embeddings)}
 
 
-def prepare(cfg: STTrainConfig, *, progress: bool = False) -> Prep:
-    """Pseudobulks, features, validation cells and their baselines; cached in run_dir/prep."""
-    from vcc_dist.data.streams import set_plan
-    from vcc_dist.models.st import st_preset
-    from vcc_dist.train.st_data import (
-        build_features,
-        corpus_fingerprint,
-        group_means,
-        heldout_groups,
-    )
+def _model_config(cfg: STTrainConfig, n_genes: int, pert_dim: int, n_batches: int,
+                  emb: dict | None) -> STConfig:
+    """The complete model config: the model section with the data-derived values."""
+    over: dict[str, Any] = {"n_genes": n_genes, "pert_dim": pert_dim}
+    if cfg.model.n_batches == "auto":  # one embedding per experimental batch
+        over["n_batches"] = n_batches
+    if emb is not None:
+        over.update(output_space="embedding", embed_dim=int(emb["dim"]), gene_decoder=True)
+    return dataclasses.replace(cfg.model, **over)
 
-    d = Path(cfg.run_dir) / "prep"
-    key = _prep_key(cfg)
-    try:
-        if json.loads((d / "key.json").read_text()) == key:
-            return Prep.load(d)
-    except (OSError, ValueError, KeyError):
-        pass
-    scfg = cfg.stream_config()
-    plan, reader = set_plan(cfg.corpus, scfg, cfg.split)
+
+def _steps_per_epoch(cfg: STTrainConfig, plan) -> tuple[int, int]:
+    units = plan.epoch_units("train", 0, cfg.num_workers)
+    n_batches = sum(u.n_batches for u in units)
+    spe = (n_batches // cfg.num_workers) // cfg.optim.grad_accum_steps
+    if spe < 1:
+        raise ConfigError(f"one epoch has {n_batches} batches for {cfg.num_workers} workers x "
+                          f"grad_accum_steps={cfg.optim.grad_accum_steps}: fewer than one "
+                          "optimizer step; lower data.batch_size or optim.grad_accum_steps")
+    return spe, n_batches
+
+
+def prepare(cfg: STTrainConfig, out_dir: str | os.PathLike, *, progress: bool = False) -> Prep:
+    """Pseudobulks, features, validation cells and their baselines, written to ``out_dir``.
+
+    Cheap checks first (the plan, the model config, the step count), then the tables (the
+    training pseudobulks and the feature table), then the validation cells and their
+    baselines. A split without ``val_role`` perturbations trains without validation (with a
+    warning); any other problem with the validation cells (e.g. a context without control
+    cells) is an error."""
+    d = Path(out_dir)
+    # 1. cheap checks: the plan, the embeddings, the step count
+    plan, reader = set_plan(cfg.corpus, cfg.data, cfg.split)
     labels = plan.labels
+    emb = None
+    if cfg.embeddings:
+        ce = CorpusEmbeddings(cfg.corpus, cfg.embeddings)  # clear error if a store lacks them
+        emb = {"key": cfg.embeddings, "dim": int(ce.dim), "model": ce.meta}
+    spe, n_batches = _steps_per_epoch(cfg, plan)
+    with_val = bool(cfg.val_role and cfg.split)
+    if with_val and not any(has_role(r, cfg.val_role) for r in plan.table["role"]):
+        warnings.warn(f"the split {cfg.split} has no {cfg.val_role!r} perturbations in this "
+                      "corpus: training runs without validation (checkpoints are ranked by "
+                      "step)", stacklevel=2)
+        with_val = False
+    # 2. tables
     means = group_means(plan, reader, max_cells=cfg.pseudobulk_max_cells, seed=cfg.seed,
                         progress=progress)
     table = build_features(cfg.features, labels.contexts, labels.perturbations, means)
-    model_over = {k: v for k, v in cfg.model.items() if k not in ("n_genes", "pert_dim")}
-    if model_over.get("n_batches") == "auto":  # one embedding per experimental batch
-        model_over["n_batches"] = len(labels.batches)
-    emb = None
-    if cfg.embeddings:
-        from vcc_dist.data.embeddings import CorpusEmbeddings
-
-        ce = CorpusEmbeddings(cfg.corpus, cfg.embeddings)  # clear error if a store lacks them
-        emb = {"key": cfg.embeddings, "dim": int(ce.dim), "model": ce.meta}
-        model_over = {"output_space": "embedding", "embed_dim": int(ce.dim),
-                      "gene_decoder": True, **model_over}
-    elif model_over.get("output_space", "genes") != "genes":
-        raise ValueError("output_space='embedding' trains on SE cell embeddings: set "
-                         "embeddings=<obsm key> (e.g. X_se, written by jobs/embed_cells.py)")
-    mcfg = st_preset(cfg.preset, n_genes=reader.n_genes, pert_dim=table.dim, **model_over)
-    if mcfg.feature_shift and cfg.features[0] != "transfer":
-        raise ValueError("model.feature_shift adds the first features to the prediction: they "
-                         "must be 'transfer' (put it first in features)")
-    units = plan.epoch_units("train", 0, cfg.num_workers)
-    n_batches = sum(u.n_batches for u in units)
-    spe = (n_batches // cfg.num_workers) // cfg.optim_config(2).grad_accum_steps
-    if spe < 1:
-        raise ValueError(f"one epoch has {n_batches} batches for {cfg.num_workers} workers x "
-                         f"grad_accum_steps: fewer than one optimizer step; lower data.batch_size"
-                         " or grad_accum_steps")
+    mcfg = _model_config(cfg, reader.n_genes, table.dim, len(labels.batches), emb)
+    # 3. validation cells and the baselines' metrics on them
     val, baselines = None, {}
-    if cfg.val_role and cfg.split:
-        try:
-            held = heldout_groups(plan, cfg.val_role, max_cells=cfg.val_max_cells,
-                                  max_controls=cfg.val_max_controls, seed=cfg.seed)
-        except ValueError as e:
-            if "has no" not in str(e):
-                raise
-            held = None
-        if held is not None:
-            val = held.to_dict()
-            baselines = _val_baselines(reader, held, means, d)
-    norm = {"target_sum": scfg.target_sum, "log1p": scfg.log1p,
+    if with_val:
+        held = heldout_groups(plan, cfg.val_role, max_cells=cfg.val_max_cells,
+                              max_controls=cfg.val_max_controls, seed=cfg.seed)
+        val = held.to_dict()
+        baselines = _val_baselines(reader, held, means, d)
+    norm = {"target_sum": cfg.data.target_sum, "log1p": cfg.data.log1p,
             "store_targets": None if reader.store_targets is None
             else [float(x) for x in reader.store_targets], "corpus_median": reader.target_sum}
     prep = Prep(d, mcfg.to_dict(), list(reader.genes), labels.to_json(), table.table,
                 table.sources, corpus_fingerprint(reader), norm, val, baselines, spe, n_batches,
                 emb)
     prep.save()
-    atomic_json(d / "key.json", key)
     return prep
 
 
@@ -361,11 +377,6 @@ def _dense(reader, st, rows) -> np.ndarray:
 
 
 def _held_adata(values: list[np.ndarray], perts: list[str], ctrl: np.ndarray, genes: list[str]):
-    import anndata as ad
-    import pandas as pd
-
-    from vcc_dist.constants import CONTROL_LABEL, PERT_KEY
-
     x = np.vstack([*values, ctrl]).astype(np.float32)
     lab = np.concatenate([np.repeat(np.array(perts, dtype=object), [v.shape[0] for v in values]),
                           np.full(ctrl.shape[0], CONTROL_LABEL, dtype=object)])
@@ -377,8 +388,6 @@ def _held_adata(values: list[np.ndarray], perts: list[str], ctrl: np.ndarray, ge
 def _val_baselines(reader, held, means, prep_dir: Path) -> dict:
     """Summaries of the real validation cells, and the cell-mean and context-mean baselines'
     metrics on them (cell-mean is the score's reference)."""
-    from vcc_dist.metrics import vcc
-
     prep_dir.mkdir(parents=True, exist_ok=True)
     ctrl = _dense(reader, *held.control)
     real = [_dense(reader, st, rw) for st, rw in held.cells]
@@ -406,29 +415,22 @@ def _val_baselines(reader, held, means, prep_dir: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-class _Validator:
+class Validator:
     """Predicts the validation perturbations (sets split over ranks) and scores them (rank 0)."""
 
     def __init__(self, prep: Prep, cfg: STTrainConfig, rank: int, world: int):
-        from vcc_dist.data.reader import CorpusReader
-        from vcc_dist.infer.st_predict import plan_sets
-        from vcc_dist.metrics import vcc
-
         v = prep.val
         self.rank, self.world, self.cfg = rank, world, cfg
-        reader = CorpusReader(cfg.corpus, genes=prep.genes, target_sum=cfg.stream_config().target_sum)
+        reader = CorpusReader(cfg.corpus, genes=prep.genes, target_sum=cfg.data.target_sum)
         cst, crw = (np.asarray(a) for a in v["control"])
         self.ctrl = _dense(reader, cst, crw)
         # the model's input: gene values, or the controls' SE embeddings (ST on SE)
         self.ctrl_in = (self.ctrl if not prep.embeddings else
-                        _gather_embeddings(cfg.corpus, prep.embeddings, cst, crw))
+                        gather_checked_embeddings(cfg.corpus, prep.embeddings, cst, crw))
         self.perts = list(v["perts"])
         self.counts = [len(c[1]) for c in v["cells"]]
         self.ctrl_batch = None
         if int(prep.model_config.get("n_batches", 0)):
-            from vcc_dist.data.labels import corpus_labels
-            from vcc_dist.infer.st_predict import control_batches
-
             self.ctrl_batch = control_batches(reader, corpus_labels(reader)[0], cst, crw)
         self.feats = prep.features[v["context_index"], np.asarray(v["pert_index"])]
         S = int(prep.model_config["cell_set_len"])
@@ -438,16 +440,11 @@ class _Validator:
         self.ref = prep.baselines.get("cell-mean")
 
     def __call__(self, forward) -> dict[str, float]:
-        import torch.distributed as dist
-
-        from vcc_dist.infer.st_predict import run_sets
-        from vcc_dist.metrics import vcc
-
         mine = list(run_sets(forward, self.plan, self.ctrl_in, self.feats,
                              sets_per_batch=self.cfg.val_sets_per_batch, rank=self.rank,
                              world_size=self.world, batch_index=self.ctrl_batch))
         parts = [None] * self.world if self.world > 1 else [mine]
-        if self.world > 1:
+        if self.world > 1:  # collective: every rank sends its sets to every rank
             dist.all_gather_object(parts, mine)
         if self.rank != 0:
             return {}
@@ -464,36 +461,24 @@ class _Validator:
         return out
 
 
-def _gather_embeddings(corpus: str, emb: dict, st: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Cell embeddings of (store, row) pairs, checked to be the ones the model trained on."""
-    from vcc_dist.data.embeddings import CorpusEmbeddings
-
-    ce = CorpusEmbeddings(corpus, emb["key"])
-    if ce.dim != emb["dim"] or ce.meta != emb["model"]:
-        raise CheckpointMismatch(
-            f"the corpus's {emb['key']!r} embeddings were made by another SE model "
-            f"({ce.meta.get('checkpoint')}) than the ST model was trained on "
-            f"({emb['model'].get('checkpoint')}); re-run jobs/embed_cells.py with that checkpoint")
-    return ce.gather(np.asarray(st), np.asarray(rows))
-
-
-def _check_resume(manifest: dict, prep: Prep) -> None:
+def check_resume(manifest: STManifest, prep: Prep) -> None:
     """Refuse to resume a run whose checkpoint was made with other data or features."""
     pm = prep.manifest()
 
-    def sources(m):  # kind, dim and file checksum (a moved file is the same features)
-        return [(f.get("kind"), f.get("dim"), f.get("sha256")) for f in m.get("feature_sources", [])]
+    def sources(srcs):  # kind, dim and file checksum (a moved file is the same features)
+        return [(f.get("kind"), f.get("dim"), f.get("sha256")) for f in srcs]
 
-    if sources(manifest) != sources(pm):
+    if sources(manifest.feature_sources) != sources(pm["feature_sources"]):
         raise CheckpointMismatch(
             f"the run's latest checkpoint was trained with other perturbation features "
-            f"({sources(manifest)}) than this config gives ({sources(pm)}); use a new run_dir "
-            "(or the original features) to resume")
+            f"({sources(manifest.feature_sources)}) than this config gives "
+            f"({sources(pm['feature_sources'])}); use a new run_dir (or the original features) "
+            "to resume")
     for key, what in (("corpus_fingerprint", "corpus"), ("genes", "gene vocabulary"),
                       ("labels", "perturbation/context labels"),
                       ("feature_shape", "perturbation feature table shape"),
                       ("model_config", "model config"), ("embeddings", "cell embeddings")):
-        if manifest.get(key) != pm.get(key):
+        if getattr(manifest, key) != pm.get(key):
             raise CheckpointMismatch(
                 f"the run's latest checkpoint was trained with another {what} than this "
                 f"config gives; use a new run_dir (or the original config) to resume")
@@ -501,26 +486,19 @@ def _check_resume(manifest: dict, prep: Prep) -> None:
 
 def train_loop_per_worker(config: dict) -> dict | None:
     """Ray Train worker function (see the module docstring)."""
-    import ray.train
-    import torch
-
-    from vcc_dist.infer.st_predict import make_forward
-    from vcc_dist.models.losses import st_loss
-    from vcc_dist.models.st import STConfig, STModel
-    from vcc_dist.train.engine import build_engine
-    from vcc_dist.train.loop import worker_loop
-
     cfg = STTrainConfig.from_dict(config["cfg"])
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     prep = Prep.load(config["prep_dir"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg.engine.check_hardware(torch.cuda.is_available())  # what this worker really has
 
     mcfg = STConfig.from_dict(prep.model_config)
     optim_cfg = OptimConfig(**config["optim"])
-    B = cfg.stream_config().batch_size
-    engine, _ = build_engine(STModel(mcfg), cfg.engine_config(), optim_cfg, micro_batch_size=B)
+    B = cfg.data.batch_size
+    seed_everything(cfg.engine.seed)  # before the model: its initial weights come from torch's RNG
+    engine, _ = build_engine(STModel(mcfg), cfg.engine, optim_cfg, micro_batch_size=B)
     device = engine.device
     dtype = next(engine.module.parameters()).dtype
     feats = torch.from_numpy(prep.features).to(device)
@@ -547,7 +525,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
                           weights={"main": 1.0})
         return rec, {"cells": B * S}
 
-    validator = _Validator(prep, cfg, rank, world) if prep.val else None
+    validator = Validator(prep, cfg, rank, world) if prep.val else None
 
     def validate() -> dict[str, float]:
         return validator(make_forward(engine.module, device=device, dtype=dtype))
@@ -557,7 +535,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
     hooks = LoopHooks(step=step, manifest=prep.manifest(),
                       validate=validate if validator is not None else None,
-                      score=lambda v: v["score"], check_resume=lambda m: _check_resume(m, prep),
+                      score=lambda v: v["score"], check_resume=lambda m: check_resume(m, prep),
                       write_files=write_files, baselines=prep.baselines or None,
                       kind=CHECKPOINT_KIND, tag="st")
     shard = ray.train.get_dataset_shard("train")
@@ -587,13 +565,10 @@ class STResult:
 def train_st(cfg: STTrainConfig, *, progress: bool = True,
              callbacks: list | None = None) -> STResult:
     """Run (or resume) one ST training run; see the module docstring."""
-    from vcc_dist.data.streams import set_stream
-    from vcc_dist.train.loop import begin_run, fit
-
     t0 = time.perf_counter()
-    rs = begin_run(cfg, prepare, _check_resume, "st", progress)
+    rs = begin_run(cfg, prepare, prep_key, Prep.load, check_resume, "st", progress)
     cfg, prep, run_dir = rs.cfg, rs.prep, rs.run_dir
-    stream = set_stream(cfg.corpus, cfg.stream_config(), split=cfg.split, role="train",
+    stream = set_stream(cfg.corpus, cfg.data, split=cfg.split, role="train",
                         world_size=cfg.num_workers, board=rs.board,
                         **({"embeddings": cfg.embeddings} if cfg.embeddings else {}))
     res = fit(train_loop_per_worker,
@@ -605,3 +580,8 @@ def train_st(cfg: STTrainConfig, *, progress: bool = True,
               board_actor=rs.board_actor, callbacks=callbacks)
     return STResult(run_dir, res.best_checkpoint, res.latest_checkpoint, res.metrics,
                     res.return_value, prep, time.perf_counter() - t0)
+
+
+__all__ = ["CHECKPOINT_KIND", "LOSSES", "RECIPES", "CheckpointMismatch", "Prep", "STResult",
+           "STTrainConfig", "Validator", "check_resume", "prep_key", "prepare", "recipe_values",
+           "st_recipe", "train_loop_per_worker", "train_st"]

@@ -44,8 +44,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vcc_dist.config import check_ints
-from vcc_dist.train.loop import atomic_json, merge
+import pandas as pd
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from vcc_dist.config import ConfigError, check_dotted, check_ints, check_keys, merge, set_dotted
+from vcc_dist.fileio import atomic_json
+from vcc_dist.ray_utils import ensure_ray
+from vcc_dist.train.st import STTrainConfig, st_recipe, train_st
 
 #: named search spaces: dotted config key -> (kind, *args); kinds: loguniform, uniform,
 #: choice, randint, grid (every value, for each of num_samples)
@@ -84,8 +92,6 @@ TRIAL_DRIVER = {"memory": 64 * 1024**2}
 
 def tune_space(name: str | dict) -> dict[str, Any]:
     """Ray Tune domains for a named space (or a dict in the same format)."""
-    from ray import tune
-
     spec = SPACES.get(name) if isinstance(name, str) else name
     if spec is None:
         raise ValueError(f"search space {name!r} is unknown; choose one of {tuple(SPACES)}")
@@ -109,11 +115,7 @@ def tune_space(name: str | dict) -> dict[str, Any]:
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in flat.items():
-        cur = out
-        parts = k.split(".")
-        for p in parts[:-1]:
-            cur = cur.setdefault(p, {})
-        cur[parts[-1]] = v
+        set_dotted(out, k, v)
     return out
 
 
@@ -148,6 +150,14 @@ class SweepConfig:
             object.__setattr__(self, "space", {k: tuple(v) for k, v in self.space.items()})
         elif self.space not in SPACES:
             raise ValueError(f"space={self.space!r}: choose one of {tuple(SPACES)}")
+        # every sampled key must be an option of the ST config tree (a typo would fail every
+        # trial): checked now, before Ray starts
+        for key in self.space_spec:
+            try:
+                check_dotted(STTrainConfig, key)
+            except ConfigError as e:
+                raise ConfigError(f"search space key {key!r}: {e}") from None
+        check_keys(STTrainConfig, self.overrides)
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler={self.scheduler!r}: choose one of {SCHEDULERS}")
         if self.searcher not in SEARCHERS:
@@ -162,8 +172,6 @@ class SweepConfig:
 
     def base_config(self) -> dict[str, Any]:
         """The trials' common ST config (checked now, so a bad recipe fails before Ray)."""
-        from vcc_dist.train.st import st_recipe
-
         over = merge(self.overrides, {"num_workers": self.trial_workers,
                                       "cpus_per_worker": self.cpus_per_trial,
                                       "use_gpu": self.gpus_per_trial > 0, "seed": self.seed})
@@ -179,23 +187,11 @@ class SweepConfig:
         if not cfg.split or not cfg.val_role:
             raise ValueError("a sweep needs a split with validation perturbations (its "
                              "objective is the validation score)")
-        d = cfg.to_dict()
-        # every sampled key must be an option of the config
-        for key in self.space_spec:
-            _check_key(d, key)
-        return d
+        return cfg.to_dict()
 
     @property
     def space_spec(self) -> dict[str, tuple]:
         return self.space if isinstance(self.space, dict) else SPACES[self.space]
-
-
-def _check_key(d: dict, key: str) -> None:
-    parts = key.split(".")
-    if parts[0] not in d:
-        raise ValueError(f"search space key {key!r}: {parts[0]!r} is not an ST config option")
-    if len(parts) > 1 and not isinstance(d[parts[0]], dict):
-        raise ValueError(f"search space key {key!r}: {parts[0]!r} is not a section")
 
 
 def derive_concurrency(cfg: SweepConfig, resources: dict[str, float]) -> int:
@@ -214,12 +210,7 @@ def derive_concurrency(cfg: SweepConfig, resources: dict[str, float]) -> int:
 
 def _trial(config: dict, base: dict, sweep_dir: str) -> None:
     """One trial (a Tune driver function): train ST with the sampled values."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from vcc_dist.train.st import STTrainConfig, train_st
-
-    trial_id = ray.tune.get_context().get_trial_id()
+    trial_id = tune.get_context().get_trial_id()
     d = merge(base, _nest(config))
     run_dir = Path(sweep_dir) / "trials" / trial_id
     d["run_dir"], d["name"] = str(run_dir), trial_id
@@ -242,12 +233,6 @@ class SweepResult:
 
 def run_sweep(cfg: SweepConfig, *, progress: bool = True, resume: bool = True) -> SweepResult:
     """Run (or restore and finish) a sweep; see the module docstring."""
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from vcc_dist.ray_utils import ensure_ray
-
     t0 = time.perf_counter()
     run_dir = Path(cfg.run_dir).resolve()
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
@@ -321,8 +306,6 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, resume: bool = True) -
 def trials_table(grid, run_dir: Path, params: list[str]):
     """One row per trial: status (completed / stopped early / error), validations, the best
     validation score with its DES/PDS/MAE, the sampled values, run directory and error."""
-    import pandas as pd
-
     rows = []
     for r in grid:
         cfg = r.config or {}
