@@ -1,8 +1,8 @@
 """h5ad -> vcc-dist corpus conversion and validation (DESIGN.md §3)."""
 
 from .convert import ConvertConfig, convert_corpus
-from .source import ConversionError
+from .source import ConversionError, ConversionWarning, CorruptInputError
 from .validate import ValidationReport, validate_corpus
 
-__all__ = ["ConvertConfig", "convert_corpus", "ConversionError", "validate_corpus",
-           "ValidationReport"]
+__all__ = ["ConvertConfig", "convert_corpus", "ConversionError", "ConversionWarning",
+           "CorruptInputError", "validate_corpus", "ValidationReport"]

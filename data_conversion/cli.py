@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from vcc_dist import constants as K
 
 from .convert import ConvertConfig, convert_corpus
-from .source import ConversionError
+from .source import ConversionError, ConversionWarning
 from .validate import validate_corpus
 
 
@@ -38,7 +39,11 @@ def convert_parser(p: argparse.ArgumentParser | None = None) -> argparse.Argumen
                    "guide_id=none for data without guides (repeatable)")
     p.add_argument("--control-label", default=d.control_label,
                    help=f"label of control cells in the perturbation column; stored as "
-                   f"{K.CONTROL_LABEL!r} (default: %(default)s)")
+                   f"{K.CONTROL_LABEL!r}. An input without cells of this label is an error "
+                   "that lists its labels that look like controls (default: %(default)s)")
+    p.add_argument("--allow-missing-controls", action="store_true",
+                   help="accept inputs without control cells (a warning instead of an error), "
+                   "e.g. perturbed-only files whose controls are in another input")
     p.add_argument("--matrix", default=d.matrix,
                    help="matrix holding raw counts: X, raw/X or layers/<name> (default: X)")
     p.add_argument("--symbol-column", default=None,
@@ -51,6 +56,11 @@ def convert_parser(p: argparse.ArgumentParser | None = None) -> argparse.Argumen
                    "or one symbol per line); default: the union of the inputs' genes")
     p.add_argument("--gene-conflicts", choices=["error", "prefer-id"], default=d.gene_conflicts,
                    help="what to do when files pair a symbol with different ids (default: error)")
+    p.add_argument("--min-gene-coverage", type=float, default=d.min_gene_coverage,
+                   help="warn about an input measuring less than this fraction of the corpus "
+                   "vocabulary (its missing genes become zeros) (default: %(default)s)")
+    p.add_argument("--strict-gene-coverage", action="store_true",
+                   help="make a coverage below --min-gene-coverage an error, not a warning")
     p.add_argument("--max-cells-per-store", type=int, default=d.max_cells_per_store,
                    help="split larger inputs into several stores (default: %(default)s)")
     p.add_argument("--read-budget-mb", type=int, default=d.read_budget_mb,
@@ -85,6 +95,8 @@ def convert_main(argv: list[str] | None = None) -> int:
             obs_fill=_pairs(a.obs_fill, "--obs-fill"), control_label=a.control_label,
             matrix=a.matrix, symbol_column=a.symbol_column, gene_id_column=gid,
             genes_file=a.genes_file, gene_conflicts=a.gene_conflicts,
+            min_gene_coverage=a.min_gene_coverage, strict_gene_coverage=a.strict_gene_coverage,
+            allow_missing_controls=a.allow_missing_controls,
             max_cells_per_store=a.max_cells_per_store, read_budget_mb=a.read_budget_mb,
             chunk_rows=a.chunk_rows, shard_mb=a.shard_mb, compressor=a.compressor,
             clevel=a.clevel, n_top_genes=a.n_top_genes, full_checksum=a.full_checksum,
@@ -93,8 +105,17 @@ def convert_main(argv: list[str] | None = None) -> int:
         if not a.serial:
             from vcc_dist.ray_utils import ensure_ray
             ensure_ray(num_cpus=a.num_cpus)
-        m = convert_corpus(cfg)
-    except ConversionError as e:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConversionWarning)
+            try:
+                m = convert_corpus(cfg)
+            finally:  # the conversion's warnings as plain lines, also when it then fails
+                for w in caught:
+                    if issubclass(w.category, ConversionWarning):
+                        print(f"warning: {w.message}", file=sys.stderr)
+                    else:
+                        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    except ConversionError as e:  # CorruptInputError included: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"corpus written to {a.out} ({K.CORPUS_MANIFEST}, {K.CORPUS_STORES_DIR}/)")
@@ -108,16 +129,21 @@ def convert_main(argv: list[str] | None = None) -> int:
 
 def validate_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="validate", description="Check a corpus against its manifest "
-                                "and its source files (cell counts, vocabulary, X on sampled rows, "
-                                "format version). Exit code 1 when a problem is found.")
+                                "and its source files (cell counts, vocabulary, control cells in "
+                                "every context, X on sampled rows, format version) and report "
+                                "each store's gene coverage. Exit code 1 when a problem is found "
+                                "(warnings do not count).")
     p.add_argument("corpus", help="corpus directory")
     p.add_argument("--sample-rows", type=int, default=200, help="rows per store compared with the "
                    "source (default: %(default)s)")
     p.add_argument("--no-sources", action="store_true", help="skip the comparison with sources")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-gene-coverage", type=float, default=0.5,
+                   help="warn about stores whose input measured less than this fraction of the "
+                   "vocabulary (default: %(default)s)")
     a = p.parse_args(argv)
     rep = validate_corpus(a.corpus, sample_rows=a.sample_rows, check_sources=not a.no_sources,
-                          seed=a.seed)
+                          seed=a.seed, min_gene_coverage=a.min_gene_coverage)
     print(rep.text())
     return 0 if rep.ok else 1
 

@@ -1,5 +1,10 @@
 """h5ad -> corpus conversion (DESIGN.md §3).
 
+On the driver, planning reads every input's metadata and perturbation column: an input
+without control cells (usually a wrong ``--control-label``) is an error, and each input's gene
+coverage of the vocabulary is printed, warned about below ``--min-gene-coverage`` and recorded
+per store in corpus.json.
+
 Per store (one input file, or a row range of a large one), in a Ray task:
 
 1. Labels: read the obs columns, map them onto the corpus names, compute the output order
@@ -47,7 +52,8 @@ from vcc_dist import constants as K
 from vcc_dist.data.corpus import (CorpusManifest, GeneAccumulator, StoreEntry, load_manifest,
                                   store_path)
 
-from .source import ConversionError, H5adSource, file_fingerprint, gather_rows
+from .source import (ConversionError, ConversionWarning, H5adSource, file_fingerprint,
+                     gather_rows)
 from .store_writer import CSRStoreWriter, StoreLayout, choose_layout
 from .vocab import GeneSpace, build_vocabulary
 
@@ -80,6 +86,13 @@ class ConvertConfig:
     compressor: str = "lz4"
     clevel: int = 5
     n_top_genes: int = 2000
+    #: an input whose genes cover less than this fraction of the corpus vocabulary is warned
+    #: about (its cells hold zeros for the genes it lacks, indistinguishable from no expression)
+    min_gene_coverage: float = 0.5
+    strict_gene_coverage: bool = False  # below min_gene_coverage: an error, not a warning
+    #: an input without control cells is an error (usually a wrong --control-label); True
+    #: makes it a warning (e.g. perturbed-only files whose controls are in another input)
+    allow_missing_controls: bool = False
     full_checksum: bool = False
     parallel: str = "ray"  # ray | serial
     num_cpus_per_task: float = 1.0
@@ -105,6 +118,7 @@ class ConvertConfig:
             "chunk_rows": self.chunk_rows >= 1,
             "shard_mb": self.shard_mb >= 1,
             "n_top_genes": self.n_top_genes >= 1,
+            "min_gene_coverage": 0.0 <= self.min_gene_coverage <= 1.0,
         }
         for key, ok in checks.items():
             if not ok:
@@ -178,6 +192,116 @@ def _resolve_obs_columns(src: H5adSource, cfg: ConvertConfig) -> dict[str, str |
     return res
 
 
+#: perturbation labels that usually mean "control" (to suggest a --control-label)
+_CONTROL_LIKE = re.compile(
+    r"non[-_ ]?target|^ntc|^nt$|^nt[-_]|control|ctrl|scrambl|safe[-_ ]?harbou?r|intergenic|"
+    r"negative|^mock|^untreated|^unperturbed|^dmso|^vehicle|^none$|^empty|^wt$|wild[-_ ]?type",
+    re.IGNORECASE)
+
+
+def _perturbation_counts(src: H5adSource, obs_columns: dict[str, str | None],
+                         cfg: ConvertConfig) -> pd.Series:
+    """Cells per perturbation label of a whole input, most frequent first."""
+    col = obs_columns[K.PERT_KEY]
+    if col is None:
+        return pd.Series({str(cfg.obs_fill[K.PERT_KEY]): src.n_obs}, dtype=np.int64)
+    cat = src.obs_column_categorical(col, 0, src.n_obs)
+    return pd.Series(cat).value_counts(dropna=True).astype(np.int64)
+
+
+def _control_hint(counts: pd.Series) -> tuple[str, str | None]:
+    """(text naming the labels that look like controls and the most frequent labels, the
+    first label that looks like a control or None)."""
+    like = [str(k) for k in counts.index if _CONTROL_LIKE.search(str(k))]
+    parts = []
+    if like:
+        parts.append("labels that look like controls: " + ", ".join(
+            f"{k!r} ({int(counts[k]):,} cells)" for k in like[:5]))
+    else:
+        parts.append("no label looks like a control")
+    parts.append("most frequent labels: " + ", ".join(
+        f"{str(k)!r} ({int(v):,})" for k, v in counts.head(5).items()))
+    return "; ".join(parts), (like[0] if like else None)
+
+
+def check_controls(paths: list[str], pert_counts: list[pd.Series],
+                   obs_cols: list[dict[str, str | None]], cfg: ConvertConfig) -> None:
+    """An input without cells labelled ``cfg.control_label`` is an error (or, with
+    ``allow_missing_controls``, a warning), naming --control-label and the labels it has that
+    look like controls; a label found in no input at all is a warning."""
+    lines, guess = [], None
+    for p, counts, oc in zip(paths, pert_counts, obs_cols):
+        if int(counts.get(cfg.control_label, 0)) > 0:
+            continue
+        hint, g = _control_hint(counts)
+        guess = guess or g
+        col = oc[K.PERT_KEY] or f"--obs-fill {K.PERT_KEY}"
+        lines.append(f"  {p} (column {col!r}): {hint}")
+    if not lines:
+        return
+    which = ("no input has" if len(lines) == len(paths) else
+             f"{len(lines)} of {len(paths)} input(s) have no")
+    head = (f"{which} control cells: no cell of the perturbation column is labelled "
+            f"{cfg.control_label!r} (--control-label)")
+    fix = (f"Fix: pass the inputs' control label with --control-label"
+           f"{f' (e.g. --control-label {guess})' if guess else ''}")
+    if not cfg.allow_missing_controls:
+        raise ConversionError("\n".join([head + ":"] + lines + [
+            fix + "; if an input really has no control cells, pass --allow-missing-controls "
+            "(training an ST model needs control cells in every context)."]))
+    if len(lines) == len(paths):
+        warnings.warn(ConversionWarning(
+            "\n".join([f"control label {cfg.control_label!r} (--control-label) is found in no "
+                       "input: the corpus will have no control cells and ST training will "
+                       "fail (its contexts need controls):"] + lines + [fix + "."])),
+            stacklevel=3)
+    else:
+        warnings.warn(ConversionWarning("\n".join([head + " (allowed by "
+                                                   "--allow-missing-controls):"] + lines)),
+                      stacklevel=3)
+
+
+def check_gene_coverage(paths: list[str], reports: list[dict], n_vocab: int,
+                        cfg: ConvertConfig) -> None:
+    """Warn (or, with ``strict_gene_coverage``, raise) when an input covers less than
+    ``min_gene_coverage`` of the vocabulary."""
+    low = [(p, r) for p, r in zip(paths, reports)
+           if r["vocabulary_coverage"] < cfg.min_gene_coverage]
+    if not low:
+        return
+    lines = [f"  {p}: {r['vocabulary_genes_present']:,} of {n_vocab:,} genes "
+             f"({100 * r['vocabulary_coverage']:.1f}%)" for p, r in low]
+    text = "\n".join(
+        [f"{len(low)} input(s) cover less than {100 * cfg.min_gene_coverage:g}% of the corpus "
+         "gene vocabulary (--min-gene-coverage); their cells get zeros for the genes they lack, "
+         "indistinguishable from no expression:"] + lines
+        + ["Fix: convert inputs with different gene panels into separate corpora, or give a "
+           "common vocabulary with --genes; lower --min-gene-coverage if this is intended."])
+    if cfg.strict_gene_coverage:
+        raise ConversionError(text + " (--strict-gene-coverage makes this an error)")
+    warnings.warn(ConversionWarning(text), stacklevel=3)
+
+
+def gene_coverage_lines(manifest: CorpusManifest) -> list[str]:
+    """The per-input gene coverage report (one line per input file)."""
+    G = len(manifest.genes)
+    out, seen = [f"gene coverage per input (corpus vocabulary: {G:,} genes):"], set()
+    for s in manifest.stores:
+        if s.source in seen or not s.coverage:
+            continue
+        seen.add(s.source)
+        r = s.coverage
+        present = r.get("vocabulary_genes_present",
+                        int(round(r.get("vocabulary_coverage", 0.0) * G)))
+        line = (f"  {Path(s.source).name}: {present:,} of {G:,} vocabulary genes "
+                f"({100 * present / max(G, 1):.1f}%); {r.get('dropped', 0):,} of its "
+                f"{r.get('source_genes', 0):,} genes not in the vocabulary")
+        if r.get("dropped_examples"):
+            line += f" (e.g. {', '.join(r['dropped_examples'][:5])})"
+        out.append(line)
+    return out
+
+
 @dataclass
 class StoreTask:
     entry: StoreEntry
@@ -186,15 +310,21 @@ class StoreTask:
 
 
 def plan_corpus(cfg: ConvertConfig) -> tuple[CorpusManifest, list[StoreTask]]:
+    """Read every input's metadata (and its perturbation column, to check for control cells),
+    build the vocabulary and one task per store. Raises before anything is written; warns
+    about low gene coverage."""
     paths = expand_inputs(cfg.inputs)
     names = _store_names(paths)
-    spaces, obs_cols, n_obs = [], [], []
+    spaces, obs_cols, n_obs, pert_counts = [], [], [], []
     for p in paths:
         with H5adSource(p, cfg.matrix, cfg.symbol_column, cfg.gene_id_column) as src:
             obs_cols.append(_resolve_obs_columns(src, cfg))
             spaces.append(GeneSpace(p, src.symbols, src.gene_ids))
             n_obs.append(src.n_obs)
+            pert_counts.append(_perturbation_counts(src, obs_cols[-1], cfg))
+    check_controls(paths, pert_counts, obs_cols, cfg)
     vocab, maps, reports = build_vocabulary(spaces, cfg.genes_file, cfg.gene_conflicts)
+    check_gene_coverage(paths, reports, len(vocab), cfg)
     tasks: list[StoreTask] = []
     for p, name, m, rep, oc, n in zip(paths, names, maps, reports, obs_cols, n_obs):
         size, checksum = file_fingerprint(p, full=cfg.full_checksum)
@@ -815,6 +945,7 @@ def convert_corpus(cfg: ConvertConfig) -> CorpusManifest:
     """Convert inputs into a corpus at ``cfg.out``; resumes an interrupted run."""
     corpus = Path(cfg.out)
     manifest, tasks = plan_corpus(cfg)
+    print("\n".join(gene_coverage_lines(manifest)), flush=True)
     if cfg.overwrite and corpus.exists():
         shutil.rmtree(corpus)
     (corpus / K.CORPUS_STORES_DIR).mkdir(parents=True, exist_ok=True)
@@ -892,7 +1023,8 @@ def _run_tasks(pending: list[StoreTask], cfg: ConvertConfig, manifest: CorpusMan
                             ray.cancel(r, force=True)
                         cause = err.cause if hasattr(err, "cause") else err
                         if isinstance(cause, ConversionError):
-                            raise ConversionError(str(cause)) from None
+                            # the task's own error type and message, without Ray's wrapper
+                            raise type(cause)(str(cause)) from None
                         raise
     finally:
         bar.close()
@@ -908,6 +1040,7 @@ def _finalize(manifest: CorpusManifest, corpus: Path, cfg: ConvertConfig) -> Non
 
     acc = GeneAccumulator(n_genes=len(manifest.genes))
     contexts: set[str] = set()
+    control_contexts: set[str] = set()
     perts: set[str] = set()
     n_controls = 0
     cells_per_cond: list[int] = []
@@ -921,6 +1054,7 @@ def _finalize(manifest: CorpusManifest, corpus: Path, cfg: ConvertConfig) -> Non
         size = conds["stop"] - conds["start"]
         ctrl = conds[K.PERT_KEY] == K.CONTROL_LABEL
         n_controls += int(size[ctrl].sum())
+        control_contexts |= set(conds[K.CONTEXT_KEY][ctrl])
         cells_per_cond += size[~ctrl].tolist()
     table = acc.gene_table(n_top_genes=cfg.n_top_genes)
     manifest.gene_stats = {c: table[c].tolist() for c in table.columns}
@@ -935,6 +1069,13 @@ def _finalize(manifest: CorpusManifest, corpus: Path, cfg: ConvertConfig) -> Non
     }
     manifest.status = "complete"
     manifest.save(corpus)
+    lacking = sorted(contexts - control_contexts)
+    if lacking:
+        warnings.warn(ConversionWarning(
+            f"{len(lacking)} context(s) have no control cells: {lacking[:10]}. ST training needs "
+            f"controls in every context (validate_corpus reports this as a problem). Fix: add "
+            f"their control cells, or check --control-label ({cfg.control_label!r})."),
+            stacklevel=3)
 
 
 def config_from_dict(d: dict[str, Any]) -> ConvertConfig:

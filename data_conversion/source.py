@@ -5,6 +5,10 @@ over the reads: one slice of ``data``/``indices`` per run of consecutive rows (a
 CSR indexing with an arbitrary row list is much slower), byte-budgeted row blocks, and CSC or
 dense layouts streamed into row order. obs/var columns are decoded with anndata's own
 ``read_elem`` so every anndata encoding (categoricals, nullable, string arrays) is understood.
+
+A sparse matrix is checked as it is read: its index pointer when the file is opened, the
+indices of every block read. A damaged file raises ``CorruptInputError`` naming the file, the
+rows and the fix, never an ``IndexError`` (or silently wrong genes) further down.
 """
 
 from __future__ import annotations
@@ -22,6 +26,22 @@ import scipy.sparse as sp
 
 class ConversionError(ValueError):
     """Bad input for conversion. The message names the problem and how to fix it."""
+
+
+class CorruptInputError(ConversionError):
+    """An input's sparse matrix is internally inconsistent (a damaged file): column/row indices
+    outside the matrix, an index pointer that decreases or does not match the stored values, or
+    indices of a non-integer dtype. The message names the file, the rows and the fix."""
+
+
+class ConversionWarning(UserWarning):
+    """A conversion input is usable but probably not what was meant (low gene coverage, no
+    control cells where they were allowed to be missing)."""
+
+
+_CORRUPT_FIX = ("The file is damaged: re-export it (anndata write_h5ad) from the original data "
+                "or check its integrity (compare its checksum with the original copy), or remove "
+                "it from the inputs.")
 
 
 GENE_ID_CANDIDATES = ("gene_id", "gene_ids", "ensembl_id", "gene_ensembl_id", "feature_id")
@@ -206,6 +226,8 @@ class H5adSource:
             data = node["data"]
             self._data, self._indices = RawH5Array(data), RawH5Array(node["indices"])
             self._indptr = node["indptr"][:].astype(np.int64)
+            self._fmt = fmt
+            self._check_sparse_structure(shape, data.shape[0], node["indices"])
             compressed = data.compression is not None
         else:
             fmt, shape, data = "dense", tuple(int(s) for s in node.shape), node
@@ -252,6 +274,61 @@ class H5adSource:
         oi = obs.attrs.get("_index", "_index")
         self._obs_index = oi.decode() if isinstance(oi, bytes) else oi
         self.obs_columns = [k for k in obs.keys() if k != self._obs_index]
+
+    def _check_sparse_structure(self, shape: tuple[int, int], n_data: int,
+                                indices: h5py.Dataset) -> None:
+        """Cheap consistency checks of a CSR/CSC matrix (O(rows), indptr is in memory already):
+        integer indices, an index pointer of the right length that starts at 0, never
+        decreases and ends at the number of stored values. A file damaged on disk fails here
+        with a clear message instead of an IndexError deep inside the conversion."""
+        m = self.matrix
+        major = "row" if self._fmt == "csr" else "column"
+        if np.dtype(indices.dtype).kind not in "iu":
+            raise CorruptInputError(
+                f"{self.path}: {m}/indices has dtype {indices.dtype}, not an integer type (wrong "
+                f"dtype). {_CORRUPT_FIX}")
+        ip = self._indptr
+        n_major = shape[0] if self._fmt == "csr" else shape[1]
+        if len(ip) != n_major + 1:
+            raise CorruptInputError(
+                f"{self.path}: {m}/indptr has {len(ip)} entries for {n_major} {major}s (expected "
+                f"{n_major + 1}). {_CORRUPT_FIX}")
+        if ip[0] != 0:
+            raise CorruptInputError(f"{self.path}: {m}/indptr starts at {ip[0]}, not 0. "
+                                    f"{_CORRUPT_FIX}")
+        dec = np.flatnonzero(np.diff(ip) < 0)
+        if dec.size:
+            k = int(dec[0])
+            raise CorruptInputError(
+                f"{self.path}: {m}/indptr is non-monotonic: {major}s [{k}, {int(dec[-1]) + 1}) "
+                f"include {dec.size} with a negative length (indptr[{k}]={ip[k]} > "
+                f"indptr[{k + 1}]={ip[k + 1]}). "
+                f"{_CORRUPT_FIX}")
+        if not (ip[-1] == n_data == indices.shape[0]):
+            raise CorruptInputError(
+                f"{self.path}: {m}/indptr ends at {ip[-1]} but {m}/data holds {n_data} and "
+                f"{m}/indices {indices.shape[0]} values. {_CORRUPT_FIX}")
+
+    def check_indices(self, ind: np.ndarray, local_ptr: np.ndarray,
+                      majors: np.ndarray | int) -> None:
+        """Raise ``CorruptInputError`` if a block's minor indices (columns of CSR rows, rows of
+        CSC columns) fall outside the matrix. ``local_ptr``: the block's index pointer rebased
+        to 0; ``majors``: the source row (CSR) or column (CSC) of each of its rows, or the
+        first of a consecutive run. The message names the affected rows."""
+        limit = self.n_vars if self._fmt == "csr" else self.n_obs
+        if ind.size == 0:
+            return
+        if int(ind.max()) < limit and (ind.dtype.kind == "u" or int(ind.min()) >= 0):
+            return
+        bad = np.flatnonzero((ind < 0) | (ind >= limit))
+        k = np.searchsorted(local_ptr, bad, side="right") - 1
+        at = k + majors if np.isscalar(majors) else np.asarray(majors)[k]
+        major, minor = ("rows", "column") if self._fmt == "csr" else ("columns", "row")
+        raise CorruptInputError(
+            f"{self.path}: {self.matrix}/indices of {major} [{int(at.min())}, {int(at.max()) + 1}) "
+            f"hold {bad.size} {minor} index(es) out of range (e.g. "
+            f"{int(ind[bad[0]])} in {major[:-1]} {int(at[0])}; valid: 0..{limit - 1}). "
+            f"{_CORRUPT_FIX}")
 
     @property
     def n_obs(self) -> int:
@@ -313,8 +390,9 @@ class H5adSource:
                 a, b = int(ip[r]), int(ip[r1])
                 data = self._data[a:b]
                 ind = self._indices[a:b]
-                yield r, r1, sp.csr_matrix((data, ind, ip[r:r1 + 1] - a),
-                                           shape=(r1 - r, self.n_vars))
+                local = ip[r:r1 + 1] - a
+                self.check_indices(ind, local, r)
+                yield r, r1, sp.csr_matrix((data, ind, local), shape=(r1 - r, self.n_vars))
                 r = r1
         elif fmt == "dense":
             rows = max(budget_bytes // max(self.n_vars * item, 1), 1)
@@ -328,7 +406,9 @@ class H5adSource:
         """Rows (sorted ascending, unique) of a CSR source; one read per run of rows."""
         if len(rows) == 0:
             return sp.csr_matrix((0, self.n_vars), dtype=self.info.dtype)
-        return gather_rows(self._data, self._indices, self._indptr, rows, self.n_vars)
+        out = gather_rows(self._data, self._indices, self._indptr, rows, self.n_vars)
+        self.check_indices(out.indices, out.indptr, rows)
+        return out
 
     def iter_csc_columns(self, budget_bytes: int):
         """Yield (c0, c1, data, indices(row ids), indptr) column blocks of a CSC source."""
@@ -341,7 +421,9 @@ class H5adSource:
             c1 = int(np.searchsorted(ip, ip[c] + max_nnz, side="right")) - 1
             c1 = min(max(c1, c + 1), n)
             a, b = int(ip[c]), int(ip[c1])
-            yield c, c1, self._data[a:b], self._indices[a:b], ip[c:c1 + 1] - a
+            ind, local = self._indices[a:b], ip[c:c1 + 1] - a
+            self.check_indices(ind, local, c)
+            yield c, c1, self._data[a:b], ind, local
             c = c1
 
     def close(self) -> None:

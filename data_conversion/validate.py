@@ -1,4 +1,10 @@
-"""Check a corpus against its manifest and its source files."""
+"""Check a corpus against its manifest and its source files.
+
+Problems (the corpus is invalid): format version, completeness, vocabulary, cell counts,
+indptr, group index, obs labels, contexts without control cells, and X / total counts / labels
+differing from the source on sampled rows. Warnings (valid, but worth knowing): stores whose
+input covers less than ``min_gene_coverage`` of the vocabulary. Notes: per-store gene coverage
+and what was compared."""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 
 from vcc_dist import constants as K
 from vcc_dist.data.corpus import CorpusError, load_manifest, store_path
@@ -19,6 +26,7 @@ class ValidationReport:
     corpus: str
     checks: int = 0
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -33,8 +41,10 @@ class ValidationReport:
 
     def text(self) -> str:
         head = (f"corpus {self.corpus}: {'OK' if self.ok else 'INVALID'} "
-                f"({self.checks} checks, {len(self.problems)} problems)")
+                f"({self.checks} checks, {len(self.problems)} problems, "
+                f"{len(self.warnings)} warnings)")
         return "\n".join([head] + [f"  PROBLEM: {p}" for p in self.problems]
+                         + [f"  WARNING: {w}" for w in self.warnings]
                          + [f"  note: {n}" for n in self.notes])
 
 
@@ -47,8 +57,45 @@ def map_to_vocabulary(symbols, gene_ids, vocab_symbols, vocab_ids) -> np.ndarray
                      for s, g in zip(symbols, ids)], np.int64)
 
 
+def _check_coverage(rep: ValidationReport, m, min_gene_coverage: float) -> None:
+    """Per-store gene coverage from corpus.json (older corpora may lack part or all of it)."""
+    G = len(m.genes)
+    for s in m.stores:
+        r = s.coverage
+        if not r or "vocabulary_coverage" not in r:
+            rep.notes.append(f"store {s.name}: no gene coverage recorded (converted by an older "
+                             "vcc-dist); re-convert to record it")
+            continue
+        present = r.get("vocabulary_genes_present", int(round(r["vocabulary_coverage"] * G)))
+        frac = float(r["vocabulary_coverage"])
+        text = (f"store {s.name}: its input measures {present:,} of {G:,} vocabulary genes "
+                f"({100 * frac:.1f}%); {r.get('dropped', 0):,} input genes not in the vocabulary")
+        if frac < min_gene_coverage:
+            rep.warnings.append(
+                f"{text}: below --min-gene-coverage {min_gene_coverage:g}. Its cells hold zeros "
+                "for the other genes, indistinguishable from no expression; convert inputs with "
+                "different gene panels into separate corpora, or use a common --genes list.")
+        else:
+            rep.notes.append(text)
+
+
+def _check_controls(rep: ValidationReport, contexts: dict[str, list[str]],
+                    with_controls: set[str], control_label: str) -> None:
+    """Every context needs control cells (ST training pairs perturbed cells with them)."""
+    missing = sorted(set(contexts) - with_controls)
+    for c in missing:
+        stores = contexts[c]
+        rep.problems.append(
+            f"context {c!r} has no control cells ({K.CONTROL_LABEL!r}) in its stores "
+            f"{stores[:5]}{' ...' if len(stores) > 5 else ''}: ST training needs controls in "
+            f"every context. Fix: re-convert with the inputs' control label (--control-label; "
+            f"this corpus used {control_label!r}), or add that context's control cells.")
+    rep.checks += 1
+
+
 def validate_corpus(corpus_dir: str | os.PathLike, sample_rows: int = 200,
-                    check_sources: bool = True, seed: int = 0) -> ValidationReport:
+                    check_sources: bool = True, seed: int = 0,
+                    min_gene_coverage: float = 0.5) -> ValidationReport:
     import anndata as ad
     import zarr
     from anndata.io import read_elem, sparse_dataset
@@ -63,6 +110,9 @@ def validate_corpus(corpus_dir: str | os.PathLike, sample_rows: int = 200,
               "the conversion by running the same command again)")
     rng = np.random.default_rng(seed)
     G = len(m.genes)
+    _check_coverage(rep, m, min_gene_coverage)
+    contexts: dict[str, list[str]] = {}  # context -> stores holding it
+    with_controls: set[str] = set()
     for s in m.stores:
         p = store_path(corpus_dir, s.name)
         if not rep.check(s.status == "complete" and p.exists(),
@@ -89,6 +139,13 @@ def validate_corpus(corpus_dir: str | os.PathLike, sample_rows: int = 200,
         rep.check(bool(np.all(np.diff(indptr) >= 0)) and indptr[0] == 0
                   and indptr[-1] == s.nnz == root["X/data"].shape[0],
                   f"store {s.name}: indptr inconsistent with nnz {s.nnz}")
+        conds = read_elem(root["uns"]["vcc_dist_conditions"])
+        for c, pert in zip(conds[K.CONTEXT_KEY].astype(str), conds[K.PERT_KEY].astype(str)):
+            contexts.setdefault(c, [])
+            if s.name not in contexts[c]:
+                contexts[c].append(s.name)
+            if pert == K.CONTROL_LABEL:
+                with_controls.add(c)
         groups = read_elem(root["uns"][K.STORE_GROUPS_KEY])
         st, sp_ = groups["start"].to_numpy(), groups["stop"].to_numpy()
         rep.check(len(st) > 0 and st[0] == 0 and sp_[-1] == n and np.all(st[1:] == sp_[:-1])
@@ -120,49 +177,15 @@ def validate_corpus(corpus_dir: str | os.PathLike, sample_rows: int = 200,
         except ConversionError as e:
             rep.check(False, f"store {s.name}: {e}")
             continue
-        with src:
-            gmap = map_to_vocabulary(src.symbols, src.gene_ids, m.genes, m.gene_ids)
-            k = min(sample_rows, n)
-            rows = np.sort(rng.choice(n, size=k, replace=False))
-            srows = src_rows[rows]
-            mine = X[rows].toarray() if k else np.zeros((0, G))
-            # source rows, mapped onto the vocabulary
-            ref = np.zeros((k, G), np.float64)
-            srt = np.argsort(srows)
-            if src.info.fmt == "csr":
-                got = src.read_rows(srows[srt])
-            else:
-                node = src.f[src.matrix]
-                if src.info.fmt == "dense":
-                    import scipy.sparse as sps
-                    got = sps.csr_matrix(node[np.sort(srows), :])
-                else:  # CSC: one streaming pass over the columns, bounded memory
-                    import scipy.sparse as sps
-                    want = np.sort(srows)
-                    dense = np.zeros((k, src.n_vars), np.float64)
-                    for c0, _, data, rws, ip in src.iter_csc_columns(64 << 20):
-                        cols = np.repeat(np.arange(c0, c0 + len(ip) - 1), np.diff(ip))
-                        hit = np.isin(rws, want)
-                        dense[np.searchsorted(want, rws[hit]), cols[hit]] = data[hit]
-                    got = sps.csr_matrix(dense)
-            got = got.toarray()
-            keep = gmap >= 0
-            ref[srt[:, None], gmap[keep][None, :]] = got[:, keep] if k else 0
-            rep.check(bool(np.array_equal(mine, ref)),
-                      f"store {s.name}: X differs from the source on sampled rows")
-            tot = got.sum(1)
-            rep.check(bool(np.allclose(obs[K.TOTAL_COUNTS_KEY].to_numpy()[rows][srt], tot)),
-                      f"store {s.name}: total_counts differ from the source")
-            for key in K.CORPUS_OBS_KEYS:
-                col = opts["obs_map"].get(key, key)
-                if col not in src.obs_columns:
-                    continue
-                v = src.obs_column(col)[srows].astype(str)
-                if key == K.PERT_KEY:
-                    v = np.where(v == opts["control_label"], K.CONTROL_LABEL, v)
-                rep.check(bool(np.array_equal(v, obs[key].astype(str).to_numpy()[rows])),
-                          f"store {s.name}: obs {key} differs from source column {col!r}")
-            rep.notes.append(f"store {s.name}: {k} sampled rows equal to the source")
+        try:
+            _compare_with_source(rep, s, src, m, X, obs, src_rows, n, G, rng, sample_rows)
+        except ConversionError as e:  # e.g. a source damaged since conversion
+            rep.check(False, f"store {s.name}: {e}")
+        finally:
+            src.close()
+    if contexts:
+        _check_controls(rep, contexts, with_controls, m.options.get("control_label",
+                                                                     K.CONTROL_LABEL))
     # the anndata contract: a store opens with plain anndata
     if m.stores and store_path(corpus_dir, m.stores[0].name).exists():
         try:
@@ -171,3 +194,50 @@ def validate_corpus(corpus_dir: str | os.PathLike, sample_rows: int = 200,
         except Exception as e:  # noqa: BLE001 - any failure here is a finding to report
             rep.check(False, f"anndata.read_zarr cannot open {m.stores[0].name}: {e}")
     return rep
+
+
+def _compare_with_source(rep, s, src, m, X, obs, src_rows, n, G, rng, sample_rows) -> None:
+    """X, total counts and labels of sampled rows of store ``s`` against its source."""
+    opts = m.options
+    n_problems = len(rep.problems)
+    gmap = map_to_vocabulary(src.symbols, src.gene_ids, m.genes, m.gene_ids)
+    k = min(sample_rows, n)
+    rows = np.sort(rng.choice(n, size=k, replace=False))
+    srows = src_rows[rows]
+    mine = X[rows].toarray() if k else np.zeros((0, G))
+    # source rows, mapped onto the vocabulary
+    ref = np.zeros((k, G), np.float64)
+    srt = np.argsort(srows)
+    if src.info.fmt == "csr":
+        got = src.read_rows(srows[srt])
+    else:
+        node = src.f[src.matrix]
+        if src.info.fmt == "dense":
+            got = sp.csr_matrix(node[np.sort(srows), :])
+        else:  # CSC: one streaming pass over the columns, bounded memory
+            want = np.sort(srows)
+            dense = np.zeros((k, src.n_vars), np.float64)
+            for c0, _, data, rws, ip in src.iter_csc_columns(64 << 20):
+                cols = np.repeat(np.arange(c0, c0 + len(ip) - 1), np.diff(ip))
+                hit = np.isin(rws, want)
+                dense[np.searchsorted(want, rws[hit]), cols[hit]] = data[hit]
+            got = sp.csr_matrix(dense)
+    got = got.toarray()
+    keep = gmap >= 0
+    ref[srt[:, None], gmap[keep][None, :]] = got[:, keep] if k else 0
+    rep.check(bool(np.array_equal(mine, ref)),
+              f"store {s.name}: X differs from the source on sampled rows")
+    tot = got.sum(1)
+    rep.check(bool(np.allclose(obs[K.TOTAL_COUNTS_KEY].to_numpy()[rows][srt], tot)),
+              f"store {s.name}: total_counts differ from the source")
+    for key in K.CORPUS_OBS_KEYS:
+        col = opts["obs_map"].get(key, key)
+        if col not in src.obs_columns:
+            continue
+        v = src.obs_column(col)[srows].astype(str)
+        if key == K.PERT_KEY:
+            v = np.where(v == opts["control_label"], K.CONTROL_LABEL, v)
+        rep.check(bool(np.array_equal(v, obs[key].astype(str).to_numpy()[rows])),
+                  f"store {s.name}: obs {key} differs from source column {col!r}")
+    if len(rep.problems) == n_problems:
+        rep.notes.append(f"store {s.name}: {k} sampled rows equal to the source")

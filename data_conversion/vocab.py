@@ -92,7 +92,10 @@ def read_genes_file(path: str) -> Vocabulary:
 def build_vocabulary(spaces: list[GeneSpace], genes_file: str | None = None,
                      conflicts: str = "error") -> tuple[Vocabulary, list[np.ndarray], list[dict]]:
     """Returns the vocabulary, one source->vocabulary column map per input (-1 = dropped) and a
-    coverage report per input."""
+    coverage report per input: its genes (``source_genes``), how many map (``mapped``, by id /
+    symbol) or are dropped as not in the vocabulary (``dropped``, with examples), and the
+    vocabulary genes it measures (``vocabulary_genes_present``, as a fraction
+    ``vocabulary_coverage``). The reports are recorded per store in corpus.json."""
     if conflicts not in ("error", "prefer-id"):
         raise ConversionError(f"gene_conflicts must be 'error' or 'prefer-id', got {conflicts!r}")
     vocab = read_genes_file(genes_file) if genes_file else Vocabulary()
@@ -156,5 +159,7 @@ def build_vocabulary(spaces: list[GeneSpace], genes_file: str | None = None,
     if len(vocab) == 0:
         raise ConversionError("the gene vocabulary is empty: no input gene matched the genes file")
     for r, m in zip(reports, maps):
-        r["vocabulary_coverage"] = round(float(len(np.unique(m[m >= 0]))) / len(vocab), 6)
+        present = int(len(np.unique(m[m >= 0])))
+        r["vocabulary_genes_present"] = present  # vocabulary genes this input measures
+        r["vocabulary_coverage"] = round(present / len(vocab), 6)
     return vocab, maps, reports

@@ -4,7 +4,8 @@
 It also takes the jobs/ folder itself off ``sys.path`` (Python puts a script's folder first):
 Ray hands the driver's ``sys.path`` to its workers, and a job file named like a standard-library
 module would shadow it there (a ``jobs/statistics.py`` once broke ``torch._inductor``'s
-``from statistics import median`` inside DeepSpeed's import of its Muon optimizer)."""
+``from statistics import median`` inside DeepSpeed's import of its Muon optimizer). The jobs' shared helpers are therefore imported as
+``jobs._cli`` (the checkout root is on ``sys.path``), not as a top-level ``_cli``."""
 
 import os
 import sys

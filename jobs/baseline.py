@@ -6,6 +6,8 @@
         --kind context-mean --counts sim/pert_counts.csv --out runs/context_mean.h5ad
     python jobs/baseline.py --train sim/perturbseq.h5ad --split sim/split.toml --kind ridge \\
         --features sim/pert_features.pt --alpha 10 --counts sim/pert_counts.csv --out runs/ridge.h5ad
+    python jobs/baseline.py --train sim/perturbseq.h5ad --split sim/split.toml --kind ridge \
+        --features transfer onehot --counts sim/pert_counts.csv --out runs/ridge_st.h5ad
 
 Options:
   --train PATH          training h5ad (raw integer counts or log1p); repeat for several files,
@@ -31,9 +33,17 @@ Options:
                         no cells in training
   --split TOML          STATE/cell-load split.toml: its held-out cells (few-shot val/test
                         perturbations, zero-shot contexts' perturbed cells) are removed from the
-                        training data first
-  --features PT         ridge only: per-gene feature vectors (torch dict gene -> tensor, STATE's
-                        pert_features.pt) instead of PCA of the perturbation's other-context deltas
+                        training data first. Read by the same strict reader as the corpus path
+                        (vcc_dist.data.splits); keys are matched to obs cell_type by their context
+                        part; a split context absent from every --train file is an error
+  --features SRC ...    ridge only, instead of PCA of the perturbation's other-context deltas:
+                        one .pt file: per-gene feature vectors (torch dict gene -> tensor,
+                        STATE's pert_features.pt; perturbations missing from it get the mean);
+                        or ST's feature sources, concatenated, exactly as jobs/train_st.py
+                        --features builds them from the training data: transfer (context-mean
+                        effect from the other contexts), onehot, .pt paths (which must then
+                        cover every training perturbation). `--features transfer onehot` gives
+                        the ridge the inputs of ST's demo recipe, for a like-for-like report
   --alpha A             ridge only: L2 penalty on standardised features (default 1.0)
   --n-components K      ridge only: principal components of the delta features (default 10)
   --absolute            ridge only: regress the deltas themselves instead of the correction to the
@@ -62,15 +72,16 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 
 from vcc_dist.constants import CONTEXT_KEY, CONTROL_LABEL, PERT_KEY
+from vcc_dist.data.splits import SplitError
 from vcc_dist.infer.baselines import (
     BASELINES,
     BaselineError,
     exclude_heldout,
-    load_split,
     make_baseline,
     pert_counts_from,
     read_adata,
     read_pert_counts,
+    read_split,
 )
 from vcc_dist.metrics.normalize import ExpressionError
 
@@ -100,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--context")
     p.add_argument("--controls", metavar="H5AD")
     p.add_argument("--split", metavar="TOML")
-    p.add_argument("--features", metavar="PT")
+    p.add_argument("--features", nargs="+", metavar="SRC")
     p.add_argument("--alpha", type=float, default=None)
     p.add_argument("--n-components", type=int, default=None)
     p.add_argument("--absolute", action="store_true")
@@ -136,7 +147,11 @@ def main(argv=None) -> int:
     try:
         kw = {"progress": progress}
         if a.kind == "ridge":
-            kw.update(features=a.features, residual=not a.absolute)
+            # one path: per-gene vectors (legacy); otherwise ST's feature sources
+            feats = a.features
+            if feats is not None and len(feats) == 1 and feats[0] not in ("transfer", "onehot"):
+                feats = feats[0]
+            kw.update(features=feats, residual=not a.absolute)
             if a.alpha is not None:
                 kw["alpha"] = a.alpha
             if a.n_components is not None:
@@ -146,13 +161,24 @@ def main(argv=None) -> int:
         model = make_baseline(a.kind, **kw)
 
         context = a.context
-        heldout = load_split(a.split) if a.split else {}
-        if context is None and len(heldout) == 1 and a.kind != "cell-mean":
-            context = next(iter(heldout))
+        split = read_split(a.split) if a.split else None
+        held_ctx = split.heldout_contexts() if split else []
+        if context is None and len(held_ctx) == 1 and a.kind != "cell-mean":
+            context = held_ctx[0]
         train = []
         for path in a.train:
             adata = read_adata(path, f"--train {path}")
-            train.append(exclude_heldout(adata, heldout, **cols) if heldout else adata)
+            train.append(exclude_heldout(adata, split, **cols) if split else adata)
+        if split:
+            seen = set()
+            for t in train:
+                if a.context_key in t.obs.columns:
+                    seen |= set(t.obs[a.context_key].astype(str))
+            absent = sorted(set(split.context_keys()) - seen)
+            if absent:
+                raise SplitError(f"--split {a.split} names context(s) {absent} that no --train "
+                                 f"file has (obs {a.context_key!r} values: {sorted(seen)[:10]}); "
+                                 "fix the split's keys or the --context-key")
         model.fit(train, **cols)
         model.check_context(context, have_controls=a.controls is not None)
 
@@ -173,7 +199,7 @@ def main(argv=None) -> int:
         pred = model.predict(counts, context=context, controls=a.controls, seed=a.seed)
         out = Path(a.out)
         _write_atomic(pred, out)
-    except (BaselineError, ExpressionError, OSError) as e:
+    except (BaselineError, SplitError, ExpressionError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n_ctrl = int((pred.obs[a.pert_col] == a.control_label).sum())

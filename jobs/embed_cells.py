@@ -6,66 +6,68 @@
         --checkpoint /shared/runs/se600m --corpus /shared/corpus
 
 The embeddings land in the corpus stores as obsm/<key> (AnnData encoding: anndata.read_zarr
-shows them), with a manifest naming the checkpoint; ST trains on them with
-`jobs/train_st.py --set data.embeddings=X_se model.output_space=embedding ...` (the `se`
-recipe). One Ray task per store (a GPU each on GPU clusters); a store is written atomically,
-a killed job resumes each partial store, and stores already embedded by the same checkpoint
-are skipped.
+shows them), with a manifest naming the checkpoint; ST trains on them with the `demo_se`
+recipe of `jobs/train_st.py` (or `--set embeddings=X_se` with any recipe). One Ray task per
+store (a GPU each on GPU clusters); a store is written atomically, a killed job resumes each
+partial store, and stores already embedded by the same checkpoint are skipped.
 
-Options:
-  --checkpoint PATH     an SE run directory (its best checkpoint; --which latest) or a
-                        checkpoint_* directory of jobs/pretrain_se.py
-  --which best|latest   which checkpoint of a run directory (default best)
-  --corpus DIR          the Zarr corpus to embed (any corpus with the same gene symbols)
-  --key NAME            obsm key in the stores (default X_se)
-  --no-dataset-part     store only the L2-normalised cell part (output_dim), not the cell +
-                        dataset embedding
-  --h5ad PATH           also write one .h5ad with obs and obsm[--obsm-key] for scanpy
-  --obsm-key NAME       obsm key in that file (default X_state, STATE's name)
-  --with-X              include the raw counts as X in the .h5ad
-  --batch-size N        cells per forward pass (default 256)
-  --overwrite           recompute stores that already hold this checkpoint's embeddings
-  --serial              embed in this process (no Ray)
-  --cpus-per-task C     CPUs per Ray task (default 1)
-  --num-cpus N          CPUs of the embedded local Ray (default all)
-  --no-progress         no progress bar
+Every option is listed by --help with its default and accepted values.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-import _bootstrap  # noqa: F401
+import _bootstrap  # noqa: F401  (first: puts the checkout on sys.path)
+
+from jobs._cli import add_progress, add_ray, connect_ray, job_parser
+from vcc_dist.data.embeddings import EmbeddingError, export_anndata
+from vcc_dist.infer.se_embed import embed_corpus
+
+
+def parser():
+    ap = job_parser(__doc__)
+    ap.add_argument("--checkpoint", required=True, metavar="PATH",
+                    help="an SE run directory of jobs/pretrain_se.py (then --which picks the "
+                         "checkpoint) or one of its checkpoint_* directories (required)")
+    ap.add_argument("--which", choices=["best", "latest"], default="best",
+                    help="which checkpoint of a run directory: best or latest (default: best)")
+    ap.add_argument("--corpus", required=True, metavar="DIR",
+                    help="the Zarr corpus to embed (any corpus with the same gene symbols) "
+                         "(required)")
+    ap.add_argument("--key", default="X_se", metavar="NAME",
+                    help="obsm key the embeddings are stored under in every store "
+                         "(default: X_se)")
+    ap.add_argument("--no-dataset-part", action="store_true",
+                    help="store only the L2-normalised cell part (output_dim values), not the "
+                         "cell + dataset embedding (default: off: both)")
+    ap.add_argument("--h5ad", metavar="PATH",
+                    help="also write one .h5ad with obs and obsm[--obsm-key], for scanpy "
+                         "(default: none)")
+    ap.add_argument("--obsm-key", default="X_state", metavar="NAME",
+                    help="obsm key in the --h5ad file (default: X_state, STATE's name)")
+    ap.add_argument("--with-X", action="store_true",
+                    help="include the raw counts as X in the --h5ad file (default: off)")
+    ap.add_argument("--batch-size", type=int, default=256, metavar="N",
+                    help="cells per forward pass (default: 256)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="recompute stores that already hold this checkpoint's embeddings "
+                         "(default: off: they are skipped)")
+    ap.add_argument("--serial", action="store_true",
+                    help="embed in this process, without Ray (default: off: one Ray task per "
+                         "store)")
+    ap.add_argument("--cpus-per-task", type=float, default=1.0, metavar="C",
+                    help="CPUs per Ray task (default: 1)")
+    add_ray(ap)
+    add_progress(ap)
+    return ap
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--which", choices=["best", "latest"], default="best")
-    ap.add_argument("--corpus", required=True)
-    ap.add_argument("--key", default="X_se")
-    ap.add_argument("--no-dataset-part", action="store_true")
-    ap.add_argument("--h5ad")
-    ap.add_argument("--obsm-key", default="X_state")
-    ap.add_argument("--with-X", action="store_true")
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--serial", action="store_true")
-    ap.add_argument("--cpus-per-task", type=float, default=1.0)
-    ap.add_argument("--num-cpus", type=int)
-    ap.add_argument("--no-progress", action="store_true")
-    a = ap.parse_args(argv)
-
-    from vcc_dist.data.embeddings import EmbeddingError, export_anndata
-    from vcc_dist.infer.se_embed import embed_corpus
-
-    if not a.serial:
-        from vcc_dist.ray_utils import ensure_ray
-
-        ensure_ray(num_cpus=a.num_cpus)
+    a = parser().parse_args(argv)
+    if not a.serial and not connect_ray("embed_cells", num_cpus=a.num_cpus):
+        return 2
     try:
         res = embed_corpus(a.checkpoint, a.corpus, key=a.key, which=a.which,
                            batch_size=a.batch_size, with_dataset=not a.no_dataset_part,

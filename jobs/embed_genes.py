@@ -5,25 +5,7 @@
     ray job submit --working-dir . -- python jobs/embed_genes.py --fasta /shared/proteins.fa \\
         --model /shared/esm2_t48_15B_UR50D.pt --out /shared/esm15b
 
-Options:
-  --fasta PATH          protein FASTA (Ensembl pep, UniProt, or ">GENE|isoform" headers; .gz ok)
-                        or a TSV/CSV with columns gene, isoform, sequence
-  --model PATH          local ESM2 release checkpoint (weights cannot be downloaded at run time;
-                        its -contact-regression.pt must sit beside it)
-  --tiny-model DIR      build a tiny random ESM2 in the release format in DIR and use it (for
-                        tests and demos; the embeddings mean nothing)
-  --out DIR             output directory (resumes a run with the same inputs, model and layer)
-  --layer L             representation layer (default -1: the last)
-  --max-tokens N        tokens per forward pass, length-sorted batches (default 4096)
-  --isoforms-per-part N isoforms per Ray task and part file (default 256)
-  --num-actors N        model replicas (default: one per GPU, or 2 on CPU)
-  --long-sequences R    truncate (to 1,022 residues, default) or error
-  --corpus DIR          write coverage.json against this corpus's gene vocabulary
-  --on-duplicate M      error (default) or keep-first for an isoform id seen twice with
-                        different sequences
-  --overwrite           discard a previous run in --out made with other settings
-  --num-cpus N          CPUs of the embedded local Ray (default: all)
-  --no-progress         no progress bar
+Every option is listed by --help with its default and accepted values.
 
 Outputs (in --out): gene_embeddings.pt ({gene: tensor}, STATE's ESM2_pert_features.pt format),
 gene_embeddings.npz (genes, embeddings, n_isoforms), manifest.json, coverage.json (--corpus).
@@ -31,36 +13,60 @@ gene_embeddings.npz (genes, embeddings, n_isoforms), manifest.json, coverage.jso
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-import _bootstrap  # noqa: F401
+import _bootstrap  # noqa: F401  (first: puts the checkout on sys.path)
+
+from jobs._cli import add_progress, add_ray, connect_ray, job_parser, one_of
+from vcc_dist.esm.embed import EmbedConfig, EmbedError, embed_genes
+from vcc_dist.esm.fasta import ON_DUPLICATE, FastaError
+from vcc_dist.esm.model import LONG_SEQUENCE_RULES, MAX_RESIDUES, ESMLoadError, save_tiny_esm2
+
+
+def parser():
+    ap = job_parser(__doc__)
+    ap.add_argument("--fasta", required=True, metavar="PATH",
+                    help="protein FASTA (Ensembl pep, UniProt, or '>GENE|isoform' headers; .gz "
+                         "ok) or a TSV/CSV with columns gene, isoform, sequence (required)")
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", metavar="PATH",
+                   help="local ESM2 release checkpoint, its -contact-regression.pt beside it; "
+                        "weights are never downloaded (this or --tiny-model is required)")
+    g.add_argument("--tiny-model", metavar="DIR",
+                   help="build a tiny random ESM2 in the release format in DIR and use it, for "
+                        "tests and demos: the embeddings mean nothing (this or --model is "
+                        "required)")
+    ap.add_argument("--out", required=True, metavar="DIR",
+                    help="output directory; a rerun with the same inputs, model and layer "
+                         "resumes (required)")
+    ap.add_argument("--layer", type=int, default=-1, metavar="L",
+                    help="representation layer: 0 = token embeddings, -1 = the last "
+                         "(default: -1)")
+    ap.add_argument("--max-tokens", type=int, default=4096, metavar="N",
+                    help="tokens per forward pass, length-sorted batches (default: 4096)")
+    ap.add_argument("--isoforms-per-part", type=int, default=256, metavar="N",
+                    help="isoforms per Ray task and part file (default: 256)")
+    ap.add_argument("--num-actors", type=int, default=0, metavar="N",
+                    help="model replicas; 0 = one per GPU, or 2 on CPU (default: 0)")
+    ap.add_argument("--long-sequences", choices=LONG_SEQUENCE_RULES, default="truncate",
+                    help=f"isoforms longer than {MAX_RESIDUES:,} residues (ESM2's trained range): "
+                         f"one of {one_of(LONG_SEQUENCE_RULES)} (default: truncate)")
+    ap.add_argument("--corpus", metavar="DIR",
+                    help="write coverage.json: which of this corpus's genes have an embedding "
+                         "(default: none)")
+    ap.add_argument("--on-duplicate", choices=ON_DUPLICATE, default="error",
+                    help="an isoform id seen twice with different sequences: one of "
+                         f"{one_of(ON_DUPLICATE)} (default: error)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="discard a previous run in --out made with other settings (default: "
+                         "off: such a run is refused)")
+    add_ray(ap)
+    add_progress(ap)
+    return ap
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fasta", required=True)
-    g = ap.add_mutually_exclusive_group(required=True)
-    g.add_argument("--model")
-    g.add_argument("--tiny-model")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--layer", type=int, default=-1)
-    ap.add_argument("--max-tokens", type=int, default=4096)
-    ap.add_argument("--isoforms-per-part", type=int, default=256)
-    ap.add_argument("--num-actors", type=int, default=0)
-    ap.add_argument("--long-sequences", choices=["truncate", "error"], default="truncate")
-    ap.add_argument("--corpus")
-    ap.add_argument("--on-duplicate", choices=["error", "keep-first"], default="error")
-    ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--num-cpus", type=int)
-    ap.add_argument("--no-progress", action="store_true")
-    a = ap.parse_args(argv)
-
-    from vcc_dist.esm.embed import EmbedConfig, EmbedError, embed_genes
-    from vcc_dist.esm.fasta import FastaError
-    from vcc_dist.esm.model import ESMLoadError, save_tiny_esm2
-    from vcc_dist.ray_utils import ensure_ray
+    a = parser().parse_args(argv)
 
     model = a.model
     if a.tiny_model:
@@ -72,7 +78,8 @@ def main(argv=None) -> int:
                           num_actors=a.num_actors, long_sequences=a.long_sequences,
                           corpus=a.corpus, on_duplicate=a.on_duplicate, overwrite=a.overwrite,
                           progress=not a.no_progress)
-        ensure_ray(num_cpus=a.num_cpus)
+        if not connect_ray("embed_genes", num_cpus=a.num_cpus):
+            return 2
         r = embed_genes(cfg)
     except (EmbedError, FastaError, ESMLoadError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -11,42 +11,32 @@ The prediction streams: sets of the context's control cells (``cell_set_len`` pe
 sets per forward pass) go through the model, and each pass's cells are appended to the file;
 the file is written under a temporary name and renamed when complete.
 
-Options:
-  --checkpoint PATH     a checkpoint_* directory, or a run directory (its best checkpoint;
-                        --which latest for the latest)
-  --corpus DIR          where the context's control cells come from (default: the training
-                        corpus recorded in the checkpoint)
-  --context NAME        the target context (default: the one holding --role perturbations)
-  --counts CSV          perturbations and cell counts (columns target_gene,n_cells), or
-  --split TOML --role R the split's R perturbations of the context ("test", "val" or
-                        "val,test"), with their real cell counts in the corpus
-  --out PATH            the submission .h5ad (log1p values, float32 CSR, controls included)
-  --real-out PATH       with --split: also write the real cells of those perturbations and
-                        the context's controls (raw counts), to score against
-  --sets-per-batch N    sets per forward pass (default 32)
-  --seed N              control sampling seed (default 0)
-  --no-progress
+Every option is listed by --help with its default and accepted values.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
-import _bootstrap  # noqa: F401
+import _bootstrap  # noqa: F401  (first: puts the checkout on sys.path)
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from jobs._cli import add_progress, job_parser
+from vcc_dist.constants import CONTROL_LABEL, PERT_KEY
+from vcc_dist.data.plans import SetStreamConfig
+from vcc_dist.data.reader import CorpusReader
+from vcc_dist.data.streams import set_plan
+from vcc_dist.infer.counts import parse_pert_counts
+from vcc_dist.infer.st_predict import load_st_checkpoint, predict_context
+from vcc_dist.train.st_data import heldout_groups
 
 
 def _real_file(corpus, held, path, genes):
     """The held-out real cells (raw counts) and the context's controls, as an h5ad."""
-    import anndata as ad
-    import numpy as np
-    import pandas as pd
-    import scipy.sparse as sp
-
-    from vcc_dist.constants import CONTROL_LABEL, PERT_KEY
-    from vcc_dist.data.reader import CorpusReader
-
     r = CorpusReader(corpus, genes=genes, normalize=False)
     blocks, labels = [], []
     for p, (st, rw) in zip(held.perts, held.cells):
@@ -63,38 +53,52 @@ def _real_file(corpus, held, path, genes):
     return path
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--which", choices=["best", "latest"], default="best")
-    ap.add_argument("--corpus")
-    ap.add_argument("--context")
+def parser():
+    ap = job_parser(__doc__)
+    ap.add_argument("--checkpoint", required=True, metavar="PATH",
+                    help="a checkpoint_* directory of jobs/train_st.py, or its run directory "
+                         "(then --which picks the checkpoint) (required)")
+    ap.add_argument("--which", choices=["best", "latest"], default="best",
+                    help="which checkpoint of a run directory: best or latest (default: best)")
+    ap.add_argument("--corpus", metavar="DIR",
+                    help="where the context's control cells come from (default: the training "
+                         "corpus recorded in the checkpoint)")
+    ap.add_argument("--context", metavar="NAME",
+                    help="the target cell context (default: with --split, the one holding the "
+                         "--role perturbations; required with --counts)")
     g = ap.add_mutually_exclusive_group(required=True)
-    g.add_argument("--counts")
-    g.add_argument("--split")
-    ap.add_argument("--role", default="test")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--real-out")
-    ap.add_argument("--sets-per-batch", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-progress", action="store_true")
-    a = ap.parse_args(argv)
+    g.add_argument("--counts", metavar="CSV",
+                   help="perturbations and cell counts, the challenge's target_gene,n_cells "
+                        "file (this or --split is required)")
+    g.add_argument("--split", metavar="TOML",
+                   help="take the split's --role perturbations of the context, with their real "
+                        "cell counts in the corpus (this or --counts is required)")
+    ap.add_argument("--role", default="test", metavar="R",
+                    help="with --split: test, val or val,test (default: test)")
+    ap.add_argument("--out", required=True, metavar="PATH",
+                    help="the submission .h5ad: log1p values, float32 CSR, controls included "
+                         "(required)")
+    ap.add_argument("--real-out", metavar="PATH",
+                    help="with --split: also write those perturbations' real cells and the "
+                         "context's controls (raw counts), to score against (default: none)")
+    ap.add_argument("--sets-per-batch", type=int, default=32, metavar="N",
+                    help="sets of control cells per forward pass (default: 32)")
+    ap.add_argument("--seed", type=int, default=0, metavar="N",
+                    help="control-cell sampling seed (default: 0)")
+    add_progress(ap)
+    return ap
 
-    from vcc_dist.infer.counts import parse_pert_counts
-    from vcc_dist.infer.st_predict import load_st_checkpoint, predict_context
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
 
     t0 = time.perf_counter()
     try:
         loaded = load_st_checkpoint(a.checkpoint, a.which)
-        corpus = a.corpus or loaded.manifest["train_config"]["corpus"]
+        corpus = a.corpus or loaded.manifest.train_config["corpus"]
         context = a.context
         held = None
         if a.split:
-            from vcc_dist.data.plans import SetStreamConfig
-            from vcc_dist.data.streams import set_plan
-            from vcc_dist.train.st_data import heldout_groups
-
             plan, _ = set_plan(corpus, SetStreamConfig(), a.split)
             held = heldout_groups(plan, a.role, context=context)
             context, counts = held.context, held.counts()

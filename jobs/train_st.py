@@ -10,29 +10,7 @@ Running the same command again resumes the run from its latest checkpoint (same 
 a worker killed mid-run is replaced and training resumes from the latest checkpoint
 (--max-failures).
 
-Options:
-  --recipe NAME|FILE    debug (seconds on CPU), demo (the main job's model), state_sm (STATE's
-                        shape), or a JSON/YAML recipe file (e.g. Tune's best_recipe.json)
-  --corpus DIR          the Zarr corpus (data_conversion); required unless in the recipe
-  --split TOML          STATE/cell-load split file: train/val/test roles; validation uses the
-                        held-out context's val perturbations
-  --run-dir DIR         checkpoints, metrics_*.csv, curves.png, wandb/ (shared storage on a
-                        multi-node cluster)
-  --num-workers N       Ray Train workers (default: the recipe's, 1)
-  --cpus-per-worker C   CPUs each worker reserves (default 1; the rest feed the data stream)
-  --use-gpu             one GPU per worker (bf16 with the default precision "auto")
-  --epochs N, --max-steps N, --checkpoint-every N (optimizer steps; 0 = per epoch)
-  --max-failures N      worker-group restarts after a failure (default 2)
-  --features SRC ...    perturbation features, concatenated: onehot, transfer (the
-                        perturbation's mean effect in the other contexts), or {gene: vector}
-                        .pt files (e.g. ESM2 from jobs/embed_genes.py)
-  --wandb MODE          auto (online if credentials exist, else offline), online, offline,
-                        disabled; --wandb-project NAME
-  --set KEY=VALUE ...   any other option, dotted into sections, e.g. --set optim.lr=3e-4
-                        model.hidden_dim=512 data.control_strategy=batch loss=sinkhorn
-                        engine.zero_stage=3 optim.grad_accum_steps=2
-  --print-config        print the complete config and exit
-  --no-progress         no progress bars
+Every option is listed by --help with its default and accepted values.
 
 Outputs in --run-dir: checkpoint_*/ (DeepSpeed shards + manifest.json + features.npy; the best
 by validation score and the latest are kept), best_checkpoint.json, latest_checkpoint.json,
@@ -43,56 +21,78 @@ the baselines' validation metrics).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-import _bootstrap  # noqa: F401
+import _bootstrap  # noqa: F401  (first: puts the checkout on sys.path)
+
+from jobs._cli import (
+    add_overrides,
+    add_print_config,
+    add_progress,
+    add_ray,
+    add_recipe,
+    add_run_dir,
+    add_schedule,
+    add_seed,
+    add_wandb,
+    add_workers,
+    connect_ray,
+    job_parser,
+    one_of,
+    wandb_overrides,
+)
+from vcc_dist.config import parse_overrides
+from vcc_dist.train.st import RECIPES, STTrainConfig, st_recipe, train_st
+from vcc_dist.train.st_data import ONEHOT, TRANSFER
 
 
 def build_config(a):
-    from vcc_dist.train.st import parse_overrides, st_recipe
-
-    over = parse_overrides(a.set or [])
+    over = parse_overrides(a.set or [], STTrainConfig)
     top = {"corpus": a.corpus, "split": a.split, "run_dir": a.run_dir,
            "num_workers": a.num_workers, "cpus_per_worker": a.cpus_per_worker,
            "epochs": a.epochs, "max_steps": a.max_steps, "checkpoint_every": a.checkpoint_every,
            "max_failures": a.max_failures, "features": a.features, "seed": a.seed}
     if a.use_gpu:
         top["use_gpu"] = True
-    if a.wandb or a.wandb_project:
-        over.setdefault("wandb", {})
-        if a.wandb:
-            over["wandb"]["mode"] = a.wandb
-        if a.wandb_project:
-            over["wandb"]["project"] = a.wandb_project
+    wb = wandb_overrides(a)
+    if wb:
+        over["wandb"] = {**over.get("wandb", {}), **wb}
     return st_recipe(a.recipe, over, **top)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default="demo")
-    ap.add_argument("--corpus")
-    ap.add_argument("--split")
-    ap.add_argument("--run-dir")
-    ap.add_argument("--num-workers", type=int)
-    ap.add_argument("--cpus-per-worker", type=float)
-    ap.add_argument("--use-gpu", action="store_true")
-    ap.add_argument("--epochs", type=int)
-    ap.add_argument("--max-steps", type=int)
-    ap.add_argument("--checkpoint-every", type=int)
-    ap.add_argument("--max-failures", type=int)
-    ap.add_argument("--features", nargs="+")
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"])
-    ap.add_argument("--wandb-project")
-    ap.add_argument("--set", nargs="*", metavar="KEY=VALUE")
-    ap.add_argument("--num-cpus", type=int, help="CPUs of the embedded local Ray (default all)")
-    ap.add_argument("--print-config", action="store_true")
-    ap.add_argument("--no-progress", action="store_true")
-    a = ap.parse_args(argv)
+def parser():
+    ap = job_parser(__doc__)
+    add_recipe(ap, RECIPES, "demo", "ST", " (e.g. a sweep's best_recipe.json); "
+               "--print-config shows the complete config")
+    ap.add_argument("--corpus", metavar="DIR",
+                    help="the Zarr corpus (jobs/convert.py) (default: the recipe's; required "
+                         "unless the recipe sets it)")
+    ap.add_argument("--split", metavar="TOML",
+                    help="STATE/cell-load split file: train/val/test roles; validation scores "
+                         "the held-out context's val perturbations (default: the recipe's; "
+                         "none = every cell trains, no validation)")
+    add_run_dir(ap, "checkpoints, metrics_*.csv, curves.png, wandb/")
+    add_workers(ap, "the rest of the node's CPUs feed the data stream")
+    add_schedule(ap)
+    ap.add_argument("--features", nargs="+", metavar="SRC",
+                    help=f"perturbation features, concatenated: {ONEHOT}, {TRANSFER} (the "
+                         "perturbation's mean effect in the other training contexts), or "
+                         "{gene: vector} .pt files (e.g. jobs/embed_genes.py's "
+                         "gene_embeddings.pt); accepted: "
+                         f"{one_of((ONEHOT, TRANSFER, 'PATH.pt'))} (default: the recipe's)")
+    add_seed(ap)
+    add_wandb(ap)
+    add_overrides(ap, "optim.lr=3e-4 model.hidden_dim=512 data.control_strategy=batch "
+                      "loss=sinkhorn engine.zero_stage=3 optim.grad_accum_steps=2")
+    add_ray(ap)
+    add_print_config(ap)
+    add_progress(ap)
+    return ap
 
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
     try:
         cfg = build_config(a)
     except (ValueError, TypeError) as e:
@@ -101,11 +101,8 @@ def main(argv=None) -> int:
     if a.print_config:
         print(json.dumps(cfg.to_dict(), indent=1))
         return 0
-
-    from vcc_dist.ray_utils import ensure_ray
-    from vcc_dist.train.st import train_st
-
-    ensure_ray(num_cpus=a.num_cpus)
+    if not connect_ray("train_st", num_cpus=a.num_cpus):
+        return 2
     try:
         r = train_st(cfg, progress=not a.no_progress)
     except (ValueError, FileNotFoundError) as e:

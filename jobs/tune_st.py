@@ -12,31 +12,8 @@ with the base recipe plus sampled values, and is scored by the overall challenge
 split's validation perturbations (DES, PDS and MAE are reported with it). ASHA stops poor
 trials early; Optuna proposes new ones. A crashed trial is recorded and the sweep goes on.
 
-Options:
-  --space NAME          search space: default (lr, weight decay, hidden size, layers, set
-                        size, loss, control matching), se (ST on SE embeddings: + decoder
-                        weight), debug (CI: lr, hidden size)
-  --recipe NAME|FILE    base ST recipe (default demo; see jobs/train_st.py)
-  --corpus DIR, --split TOML   the data (the split must have validation perturbations)
-  --run-dir DIR         the sweep directory (shared storage on a cluster)
-  --num-samples N       trials (default 16)
-  --max-concurrent N    trials at once (default: derived from the cluster's CPUs and GPUs)
-  --trial-workers N     Ray Train workers per trial (default 1)
-  --cpus-per-trial C    CPUs per trial worker (default 1)
-  --gpus-per-trial G    GPUs per trial worker (default 0)
-  --scheduler S         asha (default) or fifo; --grace-period N (validations before a trial
-                        can be stopped, default 1), --max-t N (most validations per trial)
-  --searcher S          optuna (default, TPE) or random
-  --max-steps N         optimizer steps per trial (default: the recipe's epochs)
-  --checkpoint-every N  validate every N optimizer steps (default: each epoch): ASHA's rungs
-  --resume              restore the sweep in --run-dir (Tuner.restore): finished trials are
-                        kept, unfinished ones resume from their checkpoints
-  --wandb MODE          auto, online, offline, disabled (one wandb run per trial, grouped by
-                        the sweep); --wandb-project NAME
-  --set KEY=VALUE ...   train_st overrides for every trial (e.g. engine.zero_stage=3)
-  --seed N              searcher and training seed (default 0)
-  --num-cpus N          CPUs of the embedded local Ray (default all)
-  --no-progress         quiet
+Every option is listed by --help with its default and accepted values; --help also lists
+the search spaces and the knobs each one samples.
 
 Outputs in --run-dir: trials.csv (status, validations, best score and its DES/PDS/MAE, sampled
 values, run directory, error per trial), best_recipe.json (accepted by jobs/train_st.py
@@ -46,21 +23,34 @@ values, run directory, error per trial), best_recipe.json (accepted by jobs/trai
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import sys
+from pathlib import Path
 
-import _bootstrap  # noqa: F401
+import _bootstrap  # noqa: F401  (first: puts the checkout on sys.path)
+from ray import tune
+
+from jobs._cli import (
+    add_overrides,
+    add_progress,
+    add_ray,
+    add_recipe,
+    add_wandb,
+    connect_ray,
+    job_parser,
+    one_of,
+    wandb_overrides,
+)
+from vcc_dist.config import parse_overrides
+from vcc_dist.train.st import RECIPES, STTrainConfig
+from vcc_dist.tune.sweep import SCHEDULERS, SEARCHERS, SPACES, SweepConfig, run_sweep
+
+#: SweepConfig's defaults, shown in --help
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(SweepConfig)
+            if f.default is not dataclasses.MISSING}
 
 
 def build_config(a):
-    from vcc_dist.train.loop import parse_overrides
-    from vcc_dist.tune.sweep import SweepConfig
-
-    wandb = {}
-    if a.wandb:
-        wandb["mode"] = a.wandb
-    if a.wandb_project:
-        wandb["project"] = a.wandb_project
     kw = {k: v for k, v in {
         "num_samples": a.num_samples, "max_concurrent": a.max_concurrent,
         "trial_workers": a.trial_workers, "cpus_per_trial": a.cpus_per_trial,
@@ -71,56 +61,83 @@ def build_config(a):
     if not (a.corpus and a.split and a.run_dir):
         raise ValueError("--corpus, --split and --run-dir are required")
     return SweepConfig(corpus=a.corpus, split=a.split, run_dir=a.run_dir, recipe=a.recipe,
-                       space=a.space, overrides=parse_overrides(a.set or []), wandb=wandb, **kw)
+                       space=a.space, overrides=parse_overrides(a.set or [], STTrainConfig),
+                       wandb=wandb_overrides(a), **kw)
+
+
+def spaces_help() -> str:
+    return "; ".join(f"{name} ({', '.join(knobs)})" for name, knobs in SPACES.items())
+
+
+def parser():
+    ap = job_parser(__doc__)
+    d = DEFAULTS
+    ap.add_argument("--space", default=d["space"], metavar="NAME",
+                    help=f"search space, one of: {spaces_help()} (default: {d['space']})")
+    add_recipe(ap, RECIPES, d["recipe"], "base ST", " (jobs/train_st.py --print-config shows one)")
+    ap.add_argument("--corpus", metavar="DIR", help="the Zarr corpus (required)")
+    ap.add_argument("--split", metavar="TOML",
+                    help="split file; it must have validation perturbations (required)")
+    ap.add_argument("--run-dir", metavar="DIR",
+                    help="the sweep directory: trials/<id>/ hold each trial's ST run (shared "
+                         "storage on a cluster) (required)")
+    ap.add_argument("--num-samples", type=int, metavar="N",
+                    help=f"trials (default: {d['num_samples']})")
+    ap.add_argument("--max-concurrent", type=int, metavar="N",
+                    help="trials at once; 0 = what the cluster's CPUs (one left for Ray Data) "
+                         "and GPUs hold at --trial-workers x --cpus/gpus-per-trial "
+                         f"(default: {d['max_concurrent']})")
+    ap.add_argument("--trial-workers", type=int, metavar="N",
+                    help=f"Ray Train workers per trial (default: {d['trial_workers']})")
+    ap.add_argument("--cpus-per-trial", type=float, metavar="C",
+                    help=f"CPUs per trial worker (default: {d['cpus_per_trial']})")
+    ap.add_argument("--gpus-per-trial", type=float, metavar="G",
+                    help=f"GPUs per trial worker (default: {d['gpus_per_trial']})")
+    ap.add_argument("--scheduler", choices=SCHEDULERS, metavar="S",
+                    help=f"trial scheduler, one of {one_of(SCHEDULERS)}; asha stops poor "
+                         f"trials at validations (default: {d['scheduler']})")
+    ap.add_argument("--grace-period", type=int, metavar="N",
+                    help="ASHA: validations before a trial can be stopped "
+                         f"(default: {d['grace_period']})")
+    ap.add_argument("--max-t", type=int, metavar="N",
+                    help="ASHA: most validations per trial; 0 = the trial's own number "
+                         f"(default: {d['max_t']})")
+    ap.add_argument("--searcher", choices=SEARCHERS, metavar="S",
+                    help=f"how trials are proposed, one of {one_of(SEARCHERS)} (optuna = TPE) "
+                         f"(default: {d['searcher']})")
+    ap.add_argument("--max-steps", type=int, metavar="N",
+                    help="optimizer steps per trial; 0 = the recipe's epochs "
+                         f"(default: {d['max_steps']})")
+    ap.add_argument("--checkpoint-every", type=int, metavar="N",
+                    help="validate every N optimizer steps (ASHA's rungs); 0 = the recipe's "
+                         f"(default: {d['checkpoint_every']})")
+    ap.add_argument("--resume", action="store_true",
+                    help="restore the sweep in --run-dir (Tuner.restore): finished trials are "
+                         "kept, unfinished ones resume from their checkpoints (default: off; a "
+                         "--run-dir that holds a sweep is refused without it)")
+    add_wandb(ap)
+    add_overrides(ap, "engine.zero_stage=3 (applied to every trial)")
+    ap.add_argument("--seed", type=int, metavar="N",
+                    help=f"searcher and training seed (default: {d['seed']})")
+    add_ray(ap)
+    add_progress(ap)
+    return ap
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--space", default="default")
-    ap.add_argument("--recipe", default="demo")
-    ap.add_argument("--corpus")
-    ap.add_argument("--split")
-    ap.add_argument("--run-dir")
-    ap.add_argument("--num-samples", type=int)
-    ap.add_argument("--max-concurrent", type=int)
-    ap.add_argument("--trial-workers", type=int)
-    ap.add_argument("--cpus-per-trial", type=float)
-    ap.add_argument("--gpus-per-trial", type=float)
-    ap.add_argument("--scheduler", choices=["asha", "fifo"])
-    ap.add_argument("--grace-period", type=int)
-    ap.add_argument("--max-t", type=int)
-    ap.add_argument("--searcher", choices=["optuna", "random"])
-    ap.add_argument("--max-steps", type=int)
-    ap.add_argument("--checkpoint-every", type=int)
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"])
-    ap.add_argument("--wandb-project")
-    ap.add_argument("--set", nargs="*", metavar="KEY=VALUE")
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--num-cpus", type=int, help="CPUs of the embedded local Ray (default all)")
-    ap.add_argument("--no-progress", action="store_true")
-    a = ap.parse_args(argv)
-
+    a = parser().parse_args(argv)
     try:
         cfg = build_config(a)
         cfg.base_config()  # a bad recipe, space or override fails here, before Ray starts
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from pathlib import Path
-
-    from ray import tune
-
     if not a.resume and tune.Tuner.can_restore(str(Path(cfg.run_dir).resolve())):
         print(f"error: {cfg.run_dir} already holds a sweep: pass --resume to continue it, or "
               "choose a new --run-dir", file=sys.stderr)
         return 2
-
-    from vcc_dist.ray_utils import ensure_ray
-    from vcc_dist.tune.sweep import run_sweep
-
-    ensure_ray(num_cpus=a.num_cpus, include_dashboard=True)
+    if not connect_ray("tune_st", num_cpus=a.num_cpus, include_dashboard=True):
+        return 2
     try:
         res = run_sweep(cfg, progress=not a.no_progress, resume=a.resume)
     except (ValueError, FileNotFoundError) as e:

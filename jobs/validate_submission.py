@@ -20,8 +20,9 @@ Arguments:
                          the --pert-col name) and n_cells, e.g. the challenge's
                          pert_counts_Validation.csv; control rows are ignored
   --real PATH            a real .h5ad to be scored against: perturbation labels (control
-                         included) and genes must match it exactly, as cell-eval run requires
-                         (only its obs and var are read)
+                         included) and genes must match it exactly, as cell-eval run requires,
+                         and each perturbation must have as many cells as in it (controls
+                         excluded; only its obs and var are read)
   --pert-col NAME        perturbation column in obs (default target_gene)
   --control-label NAME   label of the control cells (default non-targeting)
   --max-cells N          most cells allowed (default 200000, cell-eval prep's limit); -1: no

@@ -22,10 +22,10 @@ from vcc_dist.infer.baselines import (
     RidgeDeltaBaseline,
     exclude_heldout,
     load_pert_features,
-    load_split,
     make_baseline,
     pert_counts_from,
     read_pert_counts,
+    read_split,
     ridge_fit,
 )
 from vcc_dist.metrics.normalize import prepare_expression
@@ -53,7 +53,7 @@ def train_full(sim):
 @pytest.fixture(scope="module")
 def train(sim, train_full):
     """The simulated file without the held-out context's val/test cells."""
-    return exclude_heldout(train_full, load_split(sim.split_path))
+    return exclude_heldout(train_full, read_split(sim.split_path))
 
 
 @pytest.fixture(scope="module")
@@ -439,11 +439,14 @@ def test_pert_counts_from_and_split(sim, train_full, train):
     assert CONTROL_LABEL not in full and list(full) == sorted(full)
     csv = read_pert_counts(sim.pert_counts_path)
     assert {p: full[p] for p in csv} == csv
-    held = load_split(sim.split_path)
-    assert set(held) == {ctx} and set(csv) <= held[ctx]
-    n_held = sum(full[p] for p in held[ctx])
+    split = read_split(sim.split_path)
+    assert split.heldout_contexts() == [ctx]
+    (entry,) = split.fewshot.values()
+    held = set(entry["val"]) | set(entry["test"])
+    assert set(csv) <= held
+    n_held = sum(full[p] for p in held)
     assert train.n_obs == train_full.n_obs - n_held
-    assert set(pert_counts_from(train, context=ctx)) == set(full) - held[ctx]
+    assert set(pert_counts_from(train, context=ctx)) == set(full) - held
     with pytest.raises(BaselineError, match="no cells of context 'nope'"):
         pert_counts_from(train_full, context="nope")
 

@@ -1,7 +1,13 @@
-"""The cluster path: `ray start --head` in the background, `ray job submit --working-dir .`
-of jobs/train_st.py and jobs/pretrain_se.py, success checked, the head stopped by its own PID (never `ray stop`,
-which would end every Ray process on the host). Token authentication stays on (Ray 2.60's
-default): the CLI finds the token the head wrote."""
+"""The cluster path: `ray start --head` in the background, then exactly the README's command,
+`ray job submit --working-dir . -- "$PWD/.venv/bin/python" jobs/<job>.py ...`, for
+jobs/train_st.py and jobs/pretrain_se.py, success checked, the head stopped by its own PID
+(never `ray stop`, which would end every Ray process on the host).
+
+The head runs with a PATH that does not hold the virtualenv (as after `.venv/bin/ray start`
+from a shell where it is not activated): the entrypoint names the venv's interpreter, so the
+job does not depend on which `python` the head's PATH finds first. Token authentication stays
+on (Ray 2.60's default): the client sets RAY_AUTH_MODE=token and finds the token the head
+wrote."""
 
 from __future__ import annotations
 
@@ -30,8 +36,15 @@ def _free_port() -> int:
 def test_ray_job_submit_train_st_and_pretrain_se(tiny_corpus, tmp_path):
     sim, corpus = tiny_corpus
     bindir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
-           "RAY_AUTH_MODE": "token", "WANDB_MODE": "offline", "PYTHONDONTWRITEBYTECODE": "1"}
+    # the README's interpreter: "$PWD/.venv/bin/python" from the checkout (the running one
+    # when the tests run from another environment)
+    venv_python = ROOT / ".venv" / "bin" / "python"
+    python = str(venv_python) if venv_python.exists() else sys.executable
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if p and Path(p).resolve() != Path(bindir).resolve())
+    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "WANDB_MODE": "offline",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("VIRTUAL_ENV", None)
     env.pop("RAY_ADDRESS", None)
     port, dash = _free_port(), _free_port()
     head = subprocess.Popen(
@@ -57,7 +70,7 @@ def test_ray_job_submit_train_st_and_pretrain_se(tiny_corpus, tmp_path):
         run = tmp_path / "run"
         p = subprocess.run(
             [os.path.join(bindir, "ray"), "job", "submit", "--address", address,
-             "--working-dir", str(ROOT), "--", "python", "jobs/train_st.py", "--recipe", "debug",
+             "--working-dir", ".", "--", python, "jobs/train_st.py", "--recipe", "debug",
              "--corpus", str(corpus), "--split", str(sim.split_path), "--run-dir", str(run),
              "--epochs", "1", "--no-progress", "--wandb", "offline"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
@@ -75,14 +88,15 @@ def test_ray_job_submit_train_st_and_pretrain_se(tiny_corpus, tmp_path):
         se_run = tmp_path / "se_run"
         p = subprocess.run(
             [os.path.join(bindir, "ray"), "job", "submit", "--address", address,
-             "--working-dir", str(ROOT), "--", "python", "jobs/pretrain_se.py", "--recipe",
+             "--working-dir", ".", "--", python, "jobs/pretrain_se.py", "--recipe",
              "debug", "--corpus", str(corpus), "--gene-table", str(table), "--run-dir",
              str(se_run), "--max-steps", "4", "--no-progress", "--wandb", "offline"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
         out = p.stdout + p.stderr
         assert p.returncode == 0, out[-4000:]
         assert "succeeded" in out and "best checkpoint" in out
-        assert (se_run / "best_checkpoint.json").is_file() and (se_run / "metrics_val.csv").is_file()
+        assert (se_run / "best_checkpoint.json").is_file()
+        assert (se_run / "metrics_val.csv").is_file()
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

@@ -4,6 +4,7 @@ validation loss, and cell embeddings written into the corpus (integration tier).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -68,6 +69,31 @@ def test_zero3_two_workers_checkpoints_and_validation(trained):
             by_rank.setdefault(r["rank"], set()).update(r["steps"])
     assert set(by_rank) == {0, 1} and not (by_rank[0] & by_rank[1])
     assert (res.run_dir / "curves.png").is_file()
+    # the same seed and world size give the same run: the losses this fixture's run gave
+    # before the config/checkpoint refactor (tests/data/debug_losses.json)
+    golden = np.array(json.loads((Path(__file__).parent / "data" / "debug_losses.json")
+                                 .read_text())["se"])
+    assert train["step"].tolist() == golden[:, 0].astype(int).tolist()
+    np.testing.assert_allclose(train["loss"].to_numpy(), golden[:, 1], rtol=1e-5)
+
+
+def test_fp16_trained_checkpoint_loads_on_cpu(trained, tmp_path):
+    """A checkpoint trained in fp16 on GPUs must load for embedding on a CPU machine: the
+    hardware check belongs to the workers, not to reading a manifest."""
+    import shutil
+
+    from vcc_dist.infer.se_embed import load_se_checkpoint
+
+    _, res, _, _ = trained
+    ck = tmp_path / "checkpoint_fp16"
+    shutil.copytree(res.latest_checkpoint, ck)
+    man = json.loads((ck / "manifest.json").read_text())
+    man["train_config"]["engine"]["precision"] = "fp16"
+    man["train_config"]["use_gpu"] = True
+    (ck / "manifest.json").write_text(json.dumps(man))
+    loaded = load_se_checkpoint(ck)
+    assert next(loaded.model.parameters()).dtype == torch.float32
+    assert loaded.manifest.zero_stage == 3
 
 
 def test_job_restart_resumes_from_latest(trained):
@@ -99,16 +125,19 @@ def test_config_errors(tiny_corpus, tmp_path):
         se_recipe("debug", corpus=str(corpus), run_dir=str(tmp_path))
     with pytest.raises(ValueError, match="preset"):
         SETrainConfig(corpus=str(corpus), run_dir=str(tmp_path), gene_table="x", preset="huge")
-    with pytest.raises(ValueError, match="unknown engine option"):
+    with pytest.raises(ValueError, match="unknown option 'engine.zero'"):
+        SETrainConfig.from_dict({"corpus": str(corpus), "run_dir": str(tmp_path),
+                                 "gene_table": "x", "engine": {"zero": 3}})
+    with pytest.raises(ValueError, match="must be a EngineConfig.*from_dict"):
         SETrainConfig(corpus=str(corpus), run_dir=str(tmp_path), gene_table="x",
-                      engine={"zero": 3})
+                      engine={"zero_stage": 3})
     table = tmp_path / "unrelated.pt"
     torch.save({"NOT_A_GENE": torch.zeros(4)}, table)
     from vcc_dist.train.se import prepare
 
     with pytest.raises(ValueError, match="no gene of the corpus vocabulary"):
         prepare(se_recipe("debug", corpus=str(corpus), gene_table=str(table),
-                          run_dir=str(tmp_path / "r")))
+                          run_dir=str(tmp_path / "r")), tmp_path / "prep")
 
 
 @pytest.fixture(scope="module")

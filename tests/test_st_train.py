@@ -17,7 +17,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vcc_dist.train.st import (CheckpointMismatch, STTrainConfig, parse_overrides, st_recipe, train_st)
+from vcc_dist.checkpoint import (
+    ST_KIND,
+    CheckpointMismatch,
+    manifest_from_dict,
+    read_manifest,
+    resolve_checkpoint,
+)
+from vcc_dist.config import ConfigError, parse_overrides
+from vcc_dist.train.st import STTrainConfig, check_resume, st_recipe, train_st
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::FutureWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -49,14 +57,21 @@ def test_two_worker_run_validates_checkpoints_and_logs(trained):
     assert r.return_value["step"] == 2 * spe
     run = r.run_dir
     val = pd.read_csv(run / "metrics_val.csv")
-    # a validation at every checkpoint: every 4 steps and at each epoch's end
-    want = sorted({s for s in range(4, 2 * spe + 1, 4)} | {spe, 2 * spe})
+    # a validation at every checkpoint: checkpoint_every=4 replaces the per-epoch checkpoints
+    # (a checkpoint mid-epoch resumes exactly), plus the last step
+    want = sorted({s for s in range(4, 2 * spe + 1, 4)} | {2 * spe})
     assert val["step"].tolist() == want
     for m in ("overlap_at_N", "discrimination_score_l1", "mae", "score"):
         assert val[m].notna().all()
     assert ((val["mae"] > 0) & (val["discrimination_score_l1"] >= 0)).all()
     train = pd.read_csv(run / "metrics_train.csv")
     assert train["step"].is_monotonic_increasing and np.isfinite(train["loss"]).all()
+    # the same seed and world size give the same run: these are the losses this fixture's run
+    # gave before the config/checkpoint refactor (tests/data/debug_losses.json, recorded twice
+    # with identical results), to float32 precision
+    golden = np.array(json.loads((ROOT / "tests" / "data" / "debug_losses.json").read_text())["st"])
+    assert train["step"].tolist() == golden[:, 0].astype(int).tolist()
+    np.testing.assert_allclose(train["loss"].to_numpy(), golden[:, 1], rtol=1e-5)
     assert {"lr", "grad_norm", "cells_per_s_worker"} <= set(train.columns)
     # the baselines were scored on the same validation cells
     assert set(r.prep.baselines) == {"cell-mean", "context-mean"}
@@ -73,6 +88,9 @@ def test_two_worker_run_validates_checkpoints_and_logs(trained):
               "normalization", "train_config", "trainer_state"):
         assert man[k], k
     assert man["normalization"]["target_sum"] == "store"
+    # versioned, typed: the ZeRO stage it was saved with and the ranks' Ray nodes
+    typed = read_manifest(r.best_checkpoint)
+    assert typed.format_version == 2 and typed.zero_stage == 2 and len(typed.node_ids) == 2
     assert [s["kind"] for s in man["feature_sources"]] == ["onehot", "transfer"]
     assert (r.best_checkpoint / "deepspeed" / "state").is_dir()
     png = run / "curves.png"
@@ -91,10 +109,15 @@ def test_job_restart_resumes_from_latest_checkpoint(trained, tiny_corpus):
     assert after["step"].is_monotonic_increasing
     assert after["step"].tolist()[: len(before)] == before["step"].tolist()
     assert after["step"].iloc[-1] == 3 * spe
-    # a checkpoint made with other features is refused before any worker starts
+    # a checkpoint made with other features is refused before any worker starts, and the
+    # refusal changes nothing on disk (config.json, the prep cache)
+    files = {p: p.read_bytes() for p in [r.run_dir / "config.json", *(r.run_dir / "prep").iterdir()]}
     other = _cfg(tiny_corpus, r.run_dir, features=["onehot"], epochs=4)
     with pytest.raises(CheckpointMismatch, match="feature"):
         train_st(other, progress=False)
+    assert {p: p.read_bytes() for p in files} == files
+    assert sorted((r.run_dir / "prep").iterdir()) == sorted(p for p in files if p.parent.name == "prep")
+    assert not list(r.run_dir.parent.glob(f".{r.run_dir.name}.prep-*"))  # no staging left
 
 
 def test_killed_worker_recovers_and_replays_exactly_the_unconsumed_batches(
@@ -144,6 +167,9 @@ def test_killed_worker_recovers_and_replays_exactly_the_unconsumed_batches(
     train = pd.read_csv(run / "metrics_train.csv")
     assert train["step"].is_monotonic_increasing and train["step"].is_unique
     assert train["step"].iloc[-1] == 3 * spe
+    # after the restart, old checkpoints are still pruned to keep_checkpoints (+ the latest)
+    kept = [p for p in run.glob("checkpoint_*") if p.is_dir()]
+    assert len(kept) <= cfg.keep_checkpoints + 1, sorted(p.name for p in kept)
 
 
 def _run_job(args, **kw):
@@ -157,7 +183,7 @@ def _run_job(args, **kw):
 def test_predict_submission_and_evaluation(trained, tiny_corpus, tmp_path):
     import anndata as ad
 
-    from vcc_dist.infer.st_predict import load_st_checkpoint, resolve_checkpoint
+    from vcc_dist.infer.st_predict import load_st_checkpoint, predict_context
     from vcc_dist.infer.submission import validate_submission
 
     sim, corpus = tiny_corpus
@@ -180,6 +206,10 @@ def test_predict_submission_and_evaluation(trained, tiny_corpus, tmp_path):
     m1, m2 = load_st_checkpoint(r.run_dir), load_st_checkpoint(best)
     for (k, v), (_, w) in zip(m1.model.state_dict().items(), m2.model.state_dict().items()):
         assert v.equal(w), k
+    # predicting the checkpoint's own validation perturbations is flagged: its selection saw them
+    val = m1.manifest.val
+    with pytest.warns(UserWarning, match="validation perturbations of this checkpoint"):
+        predict_context(m1, corpus, val["context"], {val["perts"][0]: 3}, tmp_path / "v.h5ad")
     out = tmp_path / "eval"
     _run_job(["jobs/evaluate.py", "--real", str(real), "--pred", str(pred), "--out", str(out),
               "--no-plot", "--quiet"])
@@ -192,13 +222,13 @@ def test_predict_submission_and_evaluation(trained, tiny_corpus, tmp_path):
 def test_config_errors_are_clear(tiny_corpus, tmp_path):
     with pytest.raises(ValueError, match="neither a named recipe"):
         st_recipe("nope", corpus="c", run_dir="r")
-    with pytest.raises(ValueError, match="unknown STTrainConfig option"):
+    with pytest.raises(ConfigError, match="unknown option 'epoch'"):
         st_recipe("debug", {"epoch": 3}, corpus="c", run_dir="r")
     with pytest.raises(ValueError, match="loss="):
         st_recipe("debug", {"loss": "l2"}, corpus="c", run_dir="r")
-    with pytest.raises(ValueError, match="unknown optim option"):
-        st_recipe("debug", parse_overrides(["optim.learning_rate=1e-3"]), corpus="c", run_dir="r")
-    with pytest.raises(ValueError, match="data options"):
+    with pytest.raises(ConfigError, match="unknown option 'optim.learning_rate'"):
+        parse_overrides(["optim.learning_rate=1e-3"], STTrainConfig)
+    with pytest.raises(ConfigError, match="unknown option 'data.sets'"):
         st_recipe("debug", parse_overrides(["data.sets=3"]), corpus="c", run_dir="r")
     with pytest.raises(ValueError, match="needs"):
         st_recipe("debug")
@@ -212,8 +242,6 @@ def test_config_errors_are_clear(tiny_corpus, tmp_path):
 
 
 def test_resume_check_names_the_mismatch():
-    from vcc_dist.train.st import _check_resume
-
     class P:
         def __init__(self, m):
             self.m = m
@@ -222,13 +250,16 @@ def test_resume_check_names_the_mismatch():
             return self.m
 
     ck = {"feature_sources": [{"kind": "file", "dim": 3, "sha256": "aa", "source": "/a.pt"}],
-          "corpus_fingerprint": "c1", "genes": ["g1", "g2"]}
-    _check_resume(ck, P({**ck, "feature_sources": [{"kind": "file", "dim": 3, "sha256": "aa",
-                                                      "source": "/moved.pt"}]}))
+          "corpus_fingerprint": "c1", "genes": ["g1", "g2"], "labels": {}, "feature_shape": [],
+          "model_config": {}, "embeddings": None}
+    # a version-1 manifest (no format_version, no zero_stage) still loads
+    m = manifest_from_dict({"kind": ST_KIND, "train_config": {}, **ck})
+    assert m.format_version == 1 and m.zero_stage == 2
+    moved = [{"kind": "file", "dim": 3, "sha256": "aa", "source": "/moved.pt"}]
+    check_resume(m, P({**ck, "feature_sources": moved}))  # a moved file is the same features
     with pytest.raises(CheckpointMismatch, match="perturbation features"):
-        _check_resume(ck, P({**ck, "feature_sources": [{"kind": "file", "dim": 3,
-                                                          "sha256": "bb"}]}))
+        check_resume(m, P({**ck, "feature_sources": [{"kind": "file", "dim": 3, "sha256": "bb"}]}))
     with pytest.raises(CheckpointMismatch, match="corpus"):
-        _check_resume(ck, P({**ck, "corpus_fingerprint": "c2"}))
+        check_resume(m, P({**ck, "corpus_fingerprint": "c2"}))
     with pytest.raises(CheckpointMismatch, match="gene vocabulary"):
-        _check_resume(ck, P({**ck, "genes": ["g2", "g1"]}))
+        check_resume(m, P({**ck, "genes": ["g2", "g1"]}))

@@ -333,6 +333,30 @@ def test_real_file_checks(tmp_path):
     assert [(p.code, p.severity) for p in rep.problems] == [("gene_order", "warning")]
 
 
+def test_real_file_cell_counts(tmp_path):
+    """--real checks cells per perturbation, as the README promises (controls excluded: a
+    prediction's controls are usually the training controls, in any number)."""
+    labels = np.array([CONTROL_LABEL] * 25 + ["A"] * 12 + ["B"] * 10 + ["C"] * 8)
+    x = sp.csr_matrix(np.ones((len(labels), N_GENES), np.float32))
+    real = _write(_adata(x, labels=labels), tmp_path / "real.h5ad")
+    pred = _write(_adata(), tmp_path / "pred.h5ad")  # 10 cells each, 10 controls
+    rep = _validate(pred, real=real)
+    (p,) = rep.problems
+    assert (p.code, p.severity, p.count) == ("cell_count_mismatch", "error", 2)
+    assert "A: 10 predicted vs 12 in the real file" in p.message
+    assert "C: 10 predicted vs 8 in the real file" in p.message
+    assert "1 more, 1 fewer" in p.message and "value_counts" in p.message  # names the fix
+    assert "'B'" not in p.message and not any(e.startswith("B:") for e in p.examples)
+    # through the job: exit 1 with the code
+    r = _cli(pred, "--real", real, "--expected-genes", N_GENES)
+    assert r.returncode == 1 and "[cell_count_mismatch]" in r.stdout, r.stdout + r.stderr
+    # the same cells per perturbation with another number of controls: OK
+    same = np.array([CONTROL_LABEL] * 3 + [p for p in PERTS for _ in range(N_PER)])
+    real2 = _write(_adata(sp.csr_matrix(np.ones((len(same), N_GENES), np.float32)),
+                          labels=same), tmp_path / "real2.h5ad")
+    assert _validate(pred, real=real2).problems == []
+
+
 @pytest.mark.parametrize("fmt", ["csr", "csc", "dense"])
 def test_block_reading_matches_whole_matrix(tmp_path, fmt):
     x = _log1p_x()

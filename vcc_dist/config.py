@@ -93,6 +93,17 @@ def derived_keys(cls) -> dict[str, tuple[str, ...]]:
     return dict(getattr(cls, "DERIVED", {}))
 
 
+def check_sections(obj) -> None:
+    """Every section of a built config is an instance of its type (not a dict: build
+    configs from dicts with :func:`build` or the config's ``from_dict``)."""
+    for name, sec in sections(type(obj)).items():
+        v = getattr(obj, name)
+        if v is not None and not isinstance(v, sec):
+            raise ConfigError(f"{type(obj).__name__}.{name} must be a {sec.__name__}, got "
+                              f"{type(v).__name__}; build the config from a dict with "
+                              f"{type(obj).__name__}.from_dict")
+
+
 def check_keys(cls, d: dict, path: str = "") -> None:
     """Every key of the nested dict ``d`` must be an option of ``cls`` (recursively into its
     sections), and no derived key may be given. Values are not checked (they may be search
@@ -263,6 +274,6 @@ def recipe_dict(recipe: str | os.PathLike, named: dict[str, dict], overrides: di
     return d
 
 
-__all__ = ["ConfigError", "build", "check_dotted", "check_ints", "check_keys", "derived_keys",
+__all__ = ["ConfigError", "build", "check_dotted", "check_ints", "check_keys", "check_sections", "derived_keys",
            "from_dict_checked", "merge", "parse_overrides", "read_recipe_file", "recipe_dict",
            "sections", "set_dotted", "take_derived", "to_dict"]

@@ -1,4 +1,4 @@
-"""The corpus: on-disk contract between conversion and everything downstream (DESIGN.md §3).
+"""The corpus: on-disk contract between conversion and everything downstream (docs/design.md §3).
 
 A corpus is a directory::
 

@@ -1,4 +1,4 @@
-"""Cell embeddings stored inside the corpus stores (DESIGN.md §3: ``obsm/<key>``).
+"""Cell embeddings stored inside the corpus stores (docs/design.md §3: ``obsm/<key>``).
 
 An embedding job (SE, ``jobs/embed_cells.py``) streams over a corpus store by store, in row
 order, and writes one float vector per cell into that store as ``obsm/<key>`` (default
@@ -47,8 +47,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import anndata as ad
+import h5py
 import numpy as np
+import pandas as pd
+import scipy.sparse as sp
 import zarr
+from anndata.io import read_elem, sparse_dataset, write_elem
+from pandas.api.types import union_categoricals
+from zarr.codecs import BloscCodec
 
 from vcc_dist import constants as K
 from vcc_dist.data.corpus import load_manifest, store_path
@@ -256,8 +263,6 @@ class EmbeddingWriter:
 
     def _create_partial(self) -> None:
         shutil.rmtree(self.partial, ignore_errors=True)
-        from zarr.codecs import BloscCodec
-
         attrs = {"encoding-type": "array", "encoding-version": "0.2.0",
                  EMBED_ATTR: self._manifest(0, False)}
         with warnings.catch_warnings(), zarrs_pipeline():
@@ -550,9 +555,6 @@ class CorpusEmbeddings:
 def _concat_obs(frames: list):
     """Concatenate obs frames, keeping categorical columns categorical (union of categories;
     plain ``pd.concat`` turns differing categories into object columns)."""
-    import pandas as pd
-    from pandas.api.types import union_categoricals
-
     cols: dict[str, Any] = {}
     for c in frames[0].columns:
         parts = [f[c] for f in frames]
@@ -578,12 +580,6 @@ def export_anndata(corpus_dir: str | os.PathLike, key: str, out_path: str | os.P
     Obs names are the stores' cell names, suffixed ``-<store>`` for all cells when they
     collide across stores. Written to a temporary name and renamed: a killed export leaves no
     file that looks complete."""
-    import anndata as ad
-    import h5py
-    import pandas as pd
-    import scipy.sparse as sp
-    from anndata.io import read_elem, sparse_dataset, write_elem
-
     corpus_dir, out_path = Path(corpus_dir), Path(out_path)
     if stores is not None and not list(stores):
         raise EmbeddingError("no stores to export")

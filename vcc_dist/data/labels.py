@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import zarr
 
 from vcc_dist import constants as K
+from vcc_dist.data.corpus import store_path
 from vcc_dist.data.reader import LABEL_KEYS, CorpusReader
 
 
@@ -52,10 +54,6 @@ def corpus_labels(reader: CorpusReader) -> tuple[CorpusLabels, pd.DataFrame]:
     The group table has one row per (store, context, perturbation, batch) group: ``store``,
     ``start``, ``stop`` (a contiguous row range of that store) and corpus-wide codes
     ``context``, ``pert``, ``batch``."""
-    import zarr
-
-    from vcc_dist.data.corpus import store_path
-
     per_store_cats: list[dict[str, list[str]]] = []
     frames = []
     for i, name in enumerate(reader.store_names):

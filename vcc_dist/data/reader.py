@@ -1,4 +1,4 @@
-"""Row-range reads from a corpus (DESIGN.md §4): the one place that touches store bytes.
+"""Row-range reads from a corpus (docs/design.md §4): the one place that touches store bytes.
 
 Every loader in vcc-dist reads rows through :class:`CorpusReader`:
 
@@ -20,6 +20,7 @@ in a requested order; it was 2x slower per row in benchmarks/store_layout.py.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import threading
@@ -31,7 +32,9 @@ from pathlib import Path
 import numba as nb
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import zarr
+from zarr.core.buffer.cpu import NDBuffer
 
 from vcc_dist import constants as K
 from vcc_dist.data.corpus import CorpusError, CorpusManifest, load_manifest, store_path
@@ -73,8 +76,6 @@ def tune_malloc() -> None:
         return
     _MALLOC_TUNED = True
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: 1 GiB
         libc.mallopt(-1, 2 << 30)  # M_TRIM_THRESHOLD: 2 GiB
@@ -106,8 +107,6 @@ class CSRBlock:
         return len(self.indptr) - 1
 
     def to_scipy(self):
-        import scipy.sparse as sp
-
         # scipy wants signed indices (the stores keep uint16/uint32)
         return sp.csr_matrix((self.data, self.indices.astype(np.int64), self.indptr),
                              shape=(self.n_rows, self.n_cols))
@@ -251,8 +250,6 @@ class StoreReader:
 
     def read_into(self, runs: np.ndarray, data: np.ndarray, indices: np.ndarray) -> None:
         """Decode the runs' values straight into ``data``/``indices`` (consecutive, no copy)."""
-        from zarr.core.buffer.cpu import NDBuffer
-
         ip = self.indptr
         pos = 0
         for a, b in runs:

@@ -1,4 +1,4 @@
-"""SE cell sentences, built from raw counts in Ray Data ``map_batches`` (DESIGN.md §4).
+"""SE cell sentences, built from raw counts in Ray Data ``map_batches`` (docs/design.md §4).
 
 For each cell of a packed batch of the cell stream (raw CSR counts over the corpus vocabulary,
 plus ``total_counts``), :class:`SETokenizer` builds what :class:`vcc_dist.models.se.SEModel`
@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from vcc_dist.data.streams import unpack_batches
 from vcc_dist.models.se import SEConfig
 
 # SEConfig fields the tokeniser reads (a checkpoint's tokenisation is these plus the gene map)
@@ -157,9 +158,7 @@ class SESentences:
         return C * c.sentence_len * 8 + C * 4 + T * (8 + 4 * C) + 40
 
     def __call__(self, batch: dict[str, np.ndarray]):
-        from vcc_dist.data.streams import _unpack
-
-        for d in _unpack(batch):
+        for d in unpack_batches(batch):
             cells = d["cells"]
             data = np.asarray(cells["data"])
             out: dict[str, Any] = self.tok(cells["indptr"], cells["indices"], data,

@@ -87,10 +87,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from anndata.io import sparse_dataset, write_elem
+from tqdm.auto import tqdm
 
+from vcc_dist import config
 from vcc_dist.constants import (
     BATCH_KEY,
     CONTEXT_KEY,
@@ -514,27 +518,26 @@ def sim_config(preset: str = "tiny", **overrides) -> SimConfig:
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict:
-    """Parse ``["key=value", ...]`` into typed SimConfig overrides (for command lines)."""
+    """Parse ``["key=value", ...]`` into typed SimConfig overrides (for command lines): the
+    project's one override parser (vcc_dist.config.parse_overrides, keys checked against
+    SimConfig), then each value coerced to its field's type (``1_000`` is an int, ``a,b`` a
+    tuple)."""
     hints = typing.get_type_hints(SimConfig)
-    out: dict = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"override {pair!r} must look like key=value")
-        key, raw = pair.split("=", 1)
-        key = key.strip()
-        if key not in hints:
-            raise ValueError(f"unknown SimConfig key {key!r}; valid keys: {sorted(hints)}")
+    out = config.parse_overrides(list(pairs), SimConfig)
+    for key, v in out.items():
         t = hints[key]
+        raw = v if isinstance(v, str) else json.dumps(v)
         try:
             if t is int:
-                val = int(raw.replace("_", ""))
+                val = int(raw.replace("_", "")) if isinstance(v, str) else int(v)
             elif t is float:
-                val = float(raw)
+                val = float(raw) if isinstance(v, str) else float(v)
             elif t is str:
-                val = raw
+                val = raw if isinstance(v, str) else str(v)
             else:  # tuple[str, ...]
-                val = tuple(s.strip() for s in raw.split(",") if s.strip())
-        except ValueError:
+                val = (tuple(s.strip() for s in v.split(",") if s.strip()) if isinstance(v, str)
+                       else tuple(str(x) for x in v))
+        except (TypeError, ValueError):
             raise ValueError(f"SimConfig.{key}={raw!r}: cannot parse as {getattr(t, '__name__', t)}") from None
         out[key] = val
     return out
@@ -1065,9 +1068,6 @@ class H5adWriter:
     """Writes one h5ad file: obs/var up front, X appended in row blocks (anndata's own API)."""
 
     def __init__(self, path: Path, obs: pd.DataFrame, var: pd.DataFrame, compression: str):
-        import h5py
-        from anndata.io import write_elem
-
         self.path = path
         self.tmp = path.with_name(path.name + ".partial")
         self.f = h5py.File(self.tmp, "w")
@@ -1085,8 +1085,6 @@ class H5adWriter:
         self.nnz = 0
 
     def append(self, X: sp.csr_matrix) -> None:
-        from anndata.io import sparse_dataset, write_elem
-
         if X.shape[0] == 0:
             return
         if self.ds is None:
@@ -1186,7 +1184,7 @@ def gene_features(model: SimModel) -> np.ndarray:
 
 def write_features(model: SimModel, path: str | os.PathLike) -> None:
     """``torch.save`` of ``{gene_symbol: FloatTensor(feature_dim)}`` for every gene."""
-    import torch
+    import torch  # heavy, and only this writer needs it: simulation itself is numpy
 
     feats = torch.from_numpy(gene_features(model))
     torch.save({str(s): feats[i].clone() for i, s in enumerate(model.gene_symbols)}, path)
@@ -1326,8 +1324,6 @@ def simulate(config: SimConfig, out_dir: str | os.PathLike, progress: bool = Tru
     ``pert_features.pt``, ``split.toml``, ``pert_counts.csv``, ``truth.npz`` and
     ``sim_config.json``. Each h5ad is written as ``<name>.partial`` and renamed when complete.
     """
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     cfg = config
     out = Path(out_dir)

@@ -25,6 +25,11 @@ and the controls of a held-out context still form training control sets. Keys ar
 ``"<dataset>.<context>"`` split at the first dot. Unlike cell-load, a key whose context is not in
 the corpus is an error (cell-load silently ignores it, so a typo trains on the test context).
 
+The same rule (:meth:`SplitSpec.pert_role`) applies to AnnData files (the baselines' path,
+:meth:`SplitSpec.cell_roles`), where cells carry a context but no dataset: keys are matched by
+their context part, and ``[datasets]``/``[training]`` are not applied there. This module is the
+one reader of split files for both paths.
+
 A corpus store belongs to the dataset whose ``[datasets]`` path matches the store's source file:
 a directory containing it, the file itself, or a glob (``*``, ``?``, ``[...]``, ``{a,b}``) matching
 it; with a single dataset every store belongs to it.
@@ -127,6 +132,67 @@ class SplitSpec:
                 lines.append(f"{r} = [{', '.join(q(x) for x in entry.get(r, []))}]")
         return "\n".join(lines) + "\n"
 
+    # -- the one role rule (corpus path and AnnData path) ---------------------------------------
+    def pert_role(self, key: str, pert: str) -> str:
+        """Role of the perturbed cells of ``pert`` in the context ``key``
+        (``"<dataset>.<context>"``): the zero-shot role of a ``[zeroshot]`` context; for a
+        ``[fewshot]`` context "val", "test" or "val,test" where listed, else "train"; "train"
+        elsewhere. Control cells are never held out (callers give them "train")."""
+        if key in self.zeroshot:
+            return self.zeroshot[key]
+        entry = self.fewshot.get(key)
+        if entry is not None:
+            held = [r for r in (VAL, TEST) if pert in entry[r]]
+            return ",".join(held) if held else TRAIN
+        return TRAIN
+
+    # -- applying it to AnnData (no corpus stores) -----------------------------------------------
+    def context_keys(self) -> dict[str, str]:
+        """Context name -> its ``"<dataset>.<context>"`` key, for data whose cells carry a
+        context but no dataset (an AnnData: :meth:`cell_roles`). A context named under two
+        datasets is ambiguous there and raises ``SplitError``."""
+        out: dict[str, str] = {}
+        for key in [*self.zeroshot, *self.fewshot]:
+            ctx = key.split(".", 1)[1]
+            if ctx in out:
+                raise SplitError(f"split {self.source}: context {ctx!r} is named by both "
+                                 f"{out[ctx]!r} and {key!r}; AnnData cells carry no dataset, "
+                                 "so keep one entry per context name")
+            out[ctx] = key
+        return out
+
+    def cell_roles(self, contexts: Sequence[str] | np.ndarray, perturbations: Sequence[str] |
+                   np.ndarray, control_label: str) -> np.ndarray:
+        """Role of every cell of an AnnData from its obs context and perturbation labels, by
+        :meth:`pert_role` ("train", "val", "test" or "val,test"; control cells "train").
+
+        AnnData cells carry no dataset, so split keys are matched by their context part and
+        ``[datasets]``/``[training]`` are not applied (every cell given is a candidate); a
+        context of the split that is absent from these cells is not an error here (one file
+        may hold some contexts only): :func:`vcc_dist.data.heldout.heldout_rows` and
+        ``jobs/baseline.py`` check it."""
+        ctx = np.asarray(contexts).astype(str)
+        pert = np.asarray(perturbations).astype(str)
+        if ctx.shape != pert.shape:
+            raise ValueError(f"cell_roles: {ctx.shape[0]} contexts but {pert.shape[0]} "
+                             "perturbation labels; pass one of each per cell")
+        keys = self.context_keys()
+        roles = np.full(ctx.shape[0], TRAIN, dtype=object)
+        for c, key in keys.items():
+            in_c = np.flatnonzero((ctx == c) & (pert != control_label))
+            if not in_c.size:
+                continue
+            names, inv = np.unique(pert[in_c], return_inverse=True)
+            roles[in_c] = np.array([self.pert_role(key, n) for n in names], dtype=object)[inv]
+        return roles
+
+    def heldout_contexts(self) -> list[str]:
+        """Context names (without dataset) that hold out cells for val or test, sorted."""
+        keys = self.context_keys()
+        return sorted(c for c, k in keys.items()
+                      if (k in self.zeroshot and self.zeroshot[k] != TRAIN)
+                      or (k in self.fewshot and (self.fewshot[k][VAL] or self.fewshot[k][TEST])))
+
     # -- applying it to a corpus ----------------------------------------------------------------
     def store_datasets(self, sources: Sequence[str]) -> list[str | None]:
         """Dataset name of each store (by its source file path); None = not in any dataset."""
@@ -170,16 +236,9 @@ class SplitSpec:
                 roles[i] = TRAIN
                 continue
             name = pert_names[pert[i]]
-            if key in self.zeroshot:
-                roles[i] = self.zeroshot[key]
-            elif key in self.fewshot:
-                entry = self.fewshot[key]
-                held = [r for r in (VAL, TEST) if name in entry[r]]
-                roles[i] = ",".join(held) if held else TRAIN
-                if name in entry[TEST] or name in entry[VAL]:
-                    listed_found.setdefault(key, set()).add(name)
-            else:
-                roles[i] = TRAIN
+            roles[i] = self.pert_role(key, name)
+            if key in self.fewshot and roles[i] != TRAIN:
+                listed_found.setdefault(key, set()).add(name)
         missing = [k for k in list(self.zeroshot) + list(self.fewshot) if k not in seen_keys]
         if missing:
             known = sorted(seen_keys)

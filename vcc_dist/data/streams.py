@@ -1,4 +1,4 @@
-"""Ray Data streams for training: the SE cell stream and the ST set stream (DESIGN.md §4).
+"""Ray Data streams for training: the SE cell stream and the ST set stream (docs/design.md §4).
 
     stream = cell_stream("corpus/", CellStreamConfig(batch_size=256), world_size=2)
     trainer = TorchTrainer(loop, datasets={"train": stream.dataset}, ...)
@@ -46,8 +46,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import ray
+from ray.data import Datasource, ReadTask
+from ray.data.block import BlockMetadata
 
 from vcc_dist import constants as K
+from vcc_dist.data.corpus import load_manifest
+from vcc_dist.data.embeddings import CorpusEmbeddings
 from vcc_dist.data.labels import CorpusLabels, corpus_labels
 from vcc_dist.data.plans import (
     CellPlan,
@@ -68,12 +74,12 @@ def _pack(d: dict[str, Any]):
     """One packed batch as a one-row pandas block. The read and the transform run fused in one
     task, so the dict passes by reference (no serialisation); if a block ever crosses
     processes, Ray pickles it with out-of-band numpy buffers."""
-    import pandas as pd
-
     return pd.DataFrame({PACKED: [d]})
 
 
-def _unpack(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+def unpack_batches(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """The packed batches (dicts of CSR parts and labels) in one ``map_batches`` input: what a
+    custom ``transform=`` (e.g. vcc_dist.data.se_tokens) iterates over."""
     return list(batch[PACKED])
 
 
@@ -95,7 +101,7 @@ class _PackedTransform:
     a batch), so a consumer never re-assembles a batch from pieces."""
 
     def __call__(self, batch: dict[str, np.ndarray]):
-        for d in _unpack(batch):
+        for d in unpack_batches(batch):
             out = self.allocate(self.n_rows(d))
             self.fill(d, out)
             yield out
@@ -107,11 +113,7 @@ class _PackedTransform:
 
 
 def _make_datasource_class():
-    """The Datasource subclass, built on first use so that importing vcc_dist.data does not
-    import Ray."""
-    from ray.data import Datasource, ReadTask
-    from ray.data.block import BlockMetadata
-
+    """The Datasource subclass, built once on first use."""
     class _PlanSource(Datasource):
         def __init__(self, read_units: Callable, units_for_epoch: Callable, bytes_per_batch: int,
                      position: StreamPosition, board: str | None = None):
@@ -171,8 +173,6 @@ MAX_READ_TASKS = 1024
 
 
 def _make_board_class():
-    import ray
-
     @ray.remote(num_cpus=0)
     class _PositionBoard:
         def __init__(self, epoch: int, consumed: tuple[int, ...] | int):
@@ -203,14 +203,10 @@ def position_board(name: str, position: StreamPosition | None = None):
 
 def set_board(name: str, position: StreamPosition) -> None:
     """Tell the stream of board ``name`` to play ``position`` on its next execution."""
-    import ray
-
     ray.get(ray.get_actor(name).set.remote(position.epoch, position.consumed))
 
 
 def read_board(name: str) -> StreamPosition:
-    import ray
-
     try:
         actor = ray.get_actor(name)
     except ValueError:
@@ -223,8 +219,6 @@ def read_board(name: str) -> StreamPosition:
 
 def _dataset(read_units, units_for_epoch, bytes_per_batch, position, transform, n_units: int,
              board: str | None = None):
-    import ray
-
     src = _datasource_class()(read_units, units_for_epoch, bytes_per_batch, position, board)
     # one read task per unit (up to MAX_READ_TASKS): with fewer tasks than its default
     # parallelism, Ray would split every read output into more blocks and stop fusing the
@@ -254,7 +248,7 @@ def _read_cell_units(reader: CorpusReader, cfg: CellStreamConfig, split: str,
     B = cfg.batch_size
     for u in units:
         block, st, rows, steps = read_cell_unit(reader, cfg, split, epoch, u)
-        labels = _cell_labels(reader, store_maps, st, rows)
+        labels = cell_labels(reader, store_maps, st, rows)
         for j in range(u.n_batches):
             step = u.first_batch + j
             if step in skip:
@@ -266,7 +260,9 @@ def _read_cell_units(reader: CorpusReader, cfg: CellStreamConfig, split: str,
                          **{k: v[sl] for k, v in labels.items()}})
 
 
-def _cell_labels(reader, store_maps, st, rows) -> dict[str, np.ndarray]:
+def cell_labels(reader, store_maps, st, rows) -> dict[str, np.ndarray]:
+    """``context_index``, ``pert_index`` and ``batch_index`` (corpus-wide label indices) of
+    the cells at (store ``st``, ``rows``); ``store_maps`` maps each store's codes to them."""
     out = {f"{k}_index": np.empty(rows.size, np.int32) for k in ("context", "pert", "batch")}
     keys = {"context": K.CONTEXT_KEY, "pert": K.PERT_KEY, "batch": K.BATCH_KEY}
     for s in np.unique(st):
@@ -275,6 +271,11 @@ def _cell_labels(reader, store_maps, st, rows) -> dict[str, np.ndarray]:
         for short, key in keys.items():
             out[f"{short}_index"][m] = store_maps[key][int(s)][codes[key][rows[m]]]
     return out
+
+
+# the former private name, still imported by vcc_dist.infer.st_predict (remove the alias when
+# that module imports cell_labels)
+cell_labels = cell_labels
 
 
 def _slice_rows(b: CSRBlock, sl: slice) -> CSRBlock:
@@ -435,8 +436,6 @@ def set_plan(corpus_dir: str | os.PathLike, cfg: SetStreamConfig,
         roles = np.full(len(groups), TRAIN, dtype=object)
     else:
         spec = split if isinstance(split, SplitSpec) else SplitSpec.from_toml(split)
-        from vcc_dist.data.corpus import load_manifest
-
         sources = [s.source for s in load_manifest(reader.corpus_dir).stores]
         roles = spec.group_roles(groups, sources, labels.contexts, labels.perturbations,
                                  labels.control_index)
@@ -468,8 +467,6 @@ def set_stream(corpus_dir: str | os.PathLike, cfg: SetStreamConfig | None = None
     # bytes of one output batch: two dense [S, G] per set plus ~40 bytes of labels per cell
     per_batch = cfg.batch_size * cfg.set_size * (2 * reader.n_genes * 4 + 40)
     if embeddings is not None:
-        from vcc_dist.data.embeddings import CorpusEmbeddings
-
         # checked here, in the driver: a missing store fails now, not in a read task
         emb = CorpusEmbeddings(reader.corpus_dir, embeddings, decode_threads=cfg.decode_threads)
         per_batch += cfg.batch_size * cfg.set_size * 2 * emb.dim * 4

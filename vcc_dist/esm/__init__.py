@@ -1,1 +1,2 @@
-"""ESM2 gene embeddings: isoform input (fasta), the ESM2 model (model), distributed embedding (embed)."""
+"""ESM2 gene embeddings: isoform input (fasta), fair-esm loading of local weights and pooling
+(model), the resumable Ray Data embedding job (embed)."""

@@ -29,6 +29,7 @@ Outputs in ``out/``: ``gene_embeddings.pt`` ({gene: float32 tensor}, the format 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -37,8 +38,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
+import torch
+from tqdm.auto import tqdm
 
+from vcc_dist.data.corpus import load_manifest
+from vcc_dist.esm.fasta import read_isoforms
+from vcc_dist.esm.model import (
+    LONG_SEQUENCE_RULES,
+    MAX_RESIDUES,
+    count_tokens,
+    embed_sequences,
+    file_fingerprint,
+    load_esm,
+    model_info,
+    prepare_sequence,
+    resolve_layer,
+)
 from vcc_dist.fileio import atomic_json, atomic_write_bytes
+from vcc_dist.models.features import read_gene_table
 
 OUTPUT_PT = "gene_embeddings.pt"
 OUTPUT_NPZ = "gene_embeddings.npz"
@@ -72,7 +90,7 @@ class EmbedConfig:
             raise EmbedError(f"max_tokens={self.max_tokens} is too small (use >= 1024)")
         if self.isoforms_per_part < 1:
             raise EmbedError("isoforms_per_part must be >= 1")
-        if self.long_sequences not in ("truncate", "error"):
+        if self.long_sequences not in LONG_SEQUENCE_RULES:
             raise EmbedError(f"long_sequences={self.long_sequences!r}: use truncate or error")
 
 
@@ -97,10 +115,6 @@ class _EmbedActor:
     """Ray Data actor: one ESM model; embeds a part and writes its file."""
 
     def __init__(self, model_path: str, layer: int, max_tokens: int, parts_dir: str):
-        import torch
-
-        from vcc_dist.esm.model import load_esm
-
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, self.alphabet = load_esm(model_path)
         self.model = self.model.to(self.device)
@@ -109,10 +123,6 @@ class _EmbedActor:
         self.parts_dir = Path(parts_dir)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import io
-
-        from vcc_dist.esm.model import count_tokens, embed_sequences
-
         parts, counts, tokens, secs = [], [], [], []
         for part, idx, seqs in zip(batch["part"], batch["idx"], batch["seqs"]):
             seqs = [str(s) for s in seqs]
@@ -138,20 +148,6 @@ def _plan_parts(lengths: np.ndarray, per_part: int) -> list[np.ndarray]:
 
 def embed_genes(cfg: EmbedConfig) -> EmbedResult:
     """Run (or resume) the embedding job; see the module docstring."""
-    import ray
-    import torch
-    from tqdm.auto import tqdm
-
-    from vcc_dist.esm.fasta import read_isoforms
-    from vcc_dist.esm.model import (
-        MAX_RESIDUES,
-        file_fingerprint,
-        load_esm,
-        model_info,
-        prepare_sequence,
-        resolve_layer,
-    )
-
     t0 = time.perf_counter()
     if not Path(cfg.inputs).is_file():
         raise EmbedError(f"input {cfg.inputs} does not exist (a protein FASTA or a TSV of "
@@ -281,8 +277,6 @@ def embed_genes(cfg: EmbedConfig) -> EmbedResult:
 def coverage_report(genes: list[str], corpus_dir: str) -> dict[str, Any]:
     """Which genes of a corpus vocabulary have an embedding (and which embeddings have no
     gene in the corpus)."""
-    from vcc_dist.data.corpus import load_manifest
-
     vocab = load_manifest(corpus_dir).genes
     have = set(genes)
     missing = [g for g in vocab if g not in have]
@@ -298,8 +292,6 @@ def load_gene_embeddings(path: str | os.PathLike, genes: list[str] | None = None
     """(genes, [G, D] float32) from ``gene_embeddings.pt`` (or any STATE-format
     ``{gene: vector}`` file); with ``genes``, rows in that order and a clear error listing
     genes that have no embedding."""
-    from vcc_dist.models.features import read_gene_table
-
     try:
         d = read_gene_table(path)
     except ValueError as e:

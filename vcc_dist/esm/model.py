@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 #: Longest protein (in residues) given to ESM2: its trained positional range is 1,024 tokens,
 #: BOS and EOS included.
@@ -75,8 +76,6 @@ def regression_path(path: str | os.PathLike) -> Path:
 def _torch_load_release(path: Path) -> Any:
     """``torch.load`` as fair-esm does it (CPU, weights-only default) with the Namespace
     allowed; memory-mapped when the file is a zip archive, so diagnosing a large file is cheap."""
-    import torch
-
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(str(path), map_location="cpu", mmap=zipfile.is_zipfile(path))
 
@@ -138,8 +137,7 @@ def load_esm(path: str | os.PathLike) -> tuple[Any, Any]:
     an ESM checkpoint, and an ESM2 checkpoint whose name fair-esm cannot route (it must start
     with ``esm2``).
     """
-    import esm.pretrained
-    import torch
+    import esm.pretrained  # fair-esm: heavy, loaded only to load a checkpoint
 
     p = Path(path).expanduser()
     if p.is_dir():
@@ -222,8 +220,7 @@ def save_tiny_esm2(directory: str | os.PathLike, num_layers: int = 2, embed_dim:
     depend only on ``seed`` (the global torch RNG is left untouched). The default name is
     ``esm2_t{num_layers}_{embed_dim}_tiny.pt``; a given ``name`` must start with ``esm2``.
     """
-    import torch
-    from esm.model.esm2 import ESM2
+    from esm.model.esm2 import ESM2  # fair-esm: heavy, loaded only here
 
     if num_layers < 1 or embed_dim < 1 or attention_heads < 1:
         raise ValueError(f"num_layers={num_layers}, embed_dim={embed_dim}, "
@@ -364,8 +361,6 @@ def embed_sequences(model: Any, alphabet: Any, seqs: Sequence[str], layer: int =
     as ``nn.Module.to`` does. Pooling is accumulated in float32 whatever the model dtype.
     ``progress(n_done)`` is called after each batch with the number of sequences done so far.
     """
-    import torch
-
     seqs = list(seqs)
     n_layers, dim, _ = _arch(model)
     rep_layer = resolve_layer(layer, n_layers)

@@ -52,8 +52,13 @@ Baselines
     ``c`` in training). Features per perturbation: by default its transfer delta (mean over the
     other contexts), projected on the top ``n_components`` principal components fitted on the
     transfer deltas of all training perturbations; or given per-gene feature vectors (a dict
-    gene -> vector or STATE's ``pert_features.pt``). Features are standardised with the mean and
-    sd over the training perturbations. Targets: by default (``residual=True``) the few-shot
+    gene -> vector or STATE's ``pert_features.pt``); or ST's features, ``features=("transfer",
+    "onehot")`` (any list of "transfer", "onehot" and .pt paths): the target context's row of
+    the table ST's demo recipe trains on, built by the same function
+    (:func:`vcc_dist.data.pseudobulk.build_features`) from the training data, so a report
+    compares ridge and ST on the same inputs (a .pt path in such a list must cover every
+    training perturbation, as for ST). Features are standardised with the mean and sd over the
+    training perturbations. Targets: by default (``residual=True``) the few-shot
     deltas *minus* the context-mean effect, so the model predicts a correction to the
     context-mean shift and large ``alpha`` falls back to context-mean plus the average
     correction; ``residual=False`` regresses the deltas themselves. Ridge with an unpenalised
@@ -63,9 +68,12 @@ Baselines
     as in context-mean. With fewer than 2 usable few-shot perturbations it warns and falls back
     to context-mean.
 
-``load_split`` / ``exclude_heldout`` drop the held-out cells named in a STATE/cell-load
+``read_split`` / ``exclude_heldout`` drop the held-out cells named in a STATE/cell-load
 ``split.toml`` (the simulator's files contain every perturbation in every context) so that a
-baseline never trains on what it is scored on.
+baseline never trains on what it is scored on. The split is read and applied by the same code
+as the corpus path's (:class:`vcc_dist.data.splits.SplitSpec`: strict, clear errors), and the
+context-mean prior, its predicted cells and the ``("transfer", "onehot")`` features come from
+:mod:`vcc_dist.data.pseudobulk`, the code ST uses on a corpus.
 """
 
 from __future__ import annotations
@@ -73,7 +81,6 @@ from __future__ import annotations
 import abc
 import logging
 import os
-import tomllib
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -86,6 +93,15 @@ import pandas as pd
 import scipy.sparse as sp
 
 from vcc_dist.constants import CONTEXT_KEY, CONTROL_LABEL, PERT_KEY
+from vcc_dist.data.gene_tables import read_gene_table
+from vcc_dist.data.pseudobulk import (
+    FEATURE_KINDS,
+    FeatureError,
+    GroupMeans,
+    build_features,
+    context_mean_cells,
+)
+from vcc_dist.data.splits import TRAIN, SplitSpec
 from vcc_dist.infer.counts import COUNTS_COL, parse_pert_counts
 from vcc_dist.metrics.normalize import ExpressionError, prepare_expression
 
@@ -99,7 +115,6 @@ __all__ = [
     "RidgeDeltaBaseline",
     "exclude_heldout",
     "load_pert_features",
-    "load_split",
     "make_baseline",
     "pert_counts_from",
     "read_adata",
@@ -192,20 +207,19 @@ def load_pert_features(source: Mapping[str, Any] | PathLike) -> dict[str, np.nda
     """Per-gene feature vectors as ``{gene: float64 vector}``, all of one length.
 
     ``source``: a dict gene -> vector (array, list or tensor) or a STATE-style ``.pt`` file
-    (``torch.save`` of a dict gene -> 1-D tensor), loaded with ``torch.load(weights_only=True)``.
+    (``torch.save`` of a dict gene -> 1-D tensor), read by the one reader of that format,
+    :func:`vcc_dist.data.gene_tables.read_gene_table`.
     """
     what = "pert features"
     if isinstance(source, (str, os.PathLike)):
         p = Path(source)
         what = f"pert features {p}"
-        if not p.is_file():
-            raise BaselineError(f"{what} does not exist")
-        import torch
-
         try:
-            source = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise BaselineError(f"{what}: cannot load it with torch.load ({type(e).__name__}: {e})") from e
+            source = read_gene_table(p)
+        except FileNotFoundError:
+            raise BaselineError(f"{what} does not exist") from None
+        except ValueError as e:
+            raise BaselineError(f"pert features: {e}") from e
     if not isinstance(source, Mapping) or not source:
         raise BaselineError(f"{what}: expected a non-empty dict gene -> vector, got {type(source).__name__}")
     out: dict[str, np.ndarray] = {}
@@ -223,47 +237,25 @@ def load_pert_features(source: Mapping[str, Any] | PathLike) -> dict[str, np.nda
     return out
 
 
-def load_split(path: PathLike) -> dict[str, set[str] | None]:
-    """Held-out cells of a STATE/cell-load ``split.toml``: context -> perturbations held out
-    there (``[fewshot."dataset.context"]`` val + test), or None for a ``[zeroshot]`` context
-    (all its perturbed cells held out; its controls stay available, as in the challenge)."""
-    p = Path(path)
-    if not p.is_file():
-        raise BaselineError(f"split file {p} does not exist")
-    try:
-        doc = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise BaselineError(f"split file {p}: not valid TOML ({e})") from e
-    out: dict[str, set[str] | None] = {}
-
-    def ctx_of(key: str) -> str:
-        return key.split(".", 1)[1] if "." in key else key
-
-    for key in (doc.get("zeroshot") or {}):
-        out[ctx_of(key)] = None
-    for key, entry in (doc.get("fewshot") or {}).items():
-        if not isinstance(entry, Mapping):
-            raise BaselineError(f"split file {p}: [fewshot.{key!r}] is not a table")
-        held = set()
-        for part in ("val", "test"):
-            held.update(str(x) for x in entry.get(part, []))
-        out[ctx_of(key)] = held
-    return out
+def read_split(path: PathLike) -> SplitSpec:
+    """A STATE/cell-load ``split.toml`` read by the one split reader,
+    :meth:`vcc_dist.data.splits.SplitSpec.from_toml` (its ``SplitError``, a ``ValueError``,
+    names the problem and the fix)."""
+    return SplitSpec.from_toml(path)
 
 
-def exclude_heldout(adata: ad.AnnData, heldout: Mapping[str, set[str] | None], *,
+def exclude_heldout(adata: ad.AnnData, split: SplitSpec, *,
                     context_key: str = CONTEXT_KEY, pert_col: str = PERT_KEY,
                     control_label: str = CONTROL_LABEL) -> ad.AnnData:
-    """``adata`` without the held-out cells of ``heldout`` (from :func:`load_split`); returns
-    ``adata`` itself when nothing is dropped, else a copy."""
-    if not heldout:
+    """``adata`` without the cells ``split`` holds out for val or test (role other than
+    "train", :meth:`SplitSpec.cell_roles`: few-shot val/test perturbations, zero-shot
+    contexts' perturbed cells; control cells are kept); returns ``adata`` itself when nothing
+    is dropped, else a copy."""
+    if not split.zeroshot and not split.fewshot:
         return adata
     ctx = _labels(adata, context_key, "training data")
     pert = _labels(adata, pert_col, "training data")
-    drop = np.zeros(adata.n_obs, bool)
-    for c, perts in heldout.items():
-        in_c = ctx == c
-        drop |= in_c & ((pert != control_label) if perts is None else np.isin(pert, list(perts)))
+    drop = split.cell_roles(ctx, pert, control_label) != TRAIN
     if not drop.any():
         return adata
     log.info("excluding %d held-out cells from training", int(drop.sum()))
@@ -543,20 +535,19 @@ def _repeat_row(vec: np.ndarray, n: int) -> sp.csr_matrix:
                           np.arange(n + 1, dtype=idx) * idx(nz.size)), shape=(n, vec.size))
 
 
-def _shift_rows(effects: np.ndarray, counts: dict[str, int], ctrl_x: sp.csr_matrix,
-                rng: np.random.Generator, progress: bool) -> list[sp.csr_matrix]:
-    """Control cells drawn with replacement plus each perturbation's effect, clipped at 0."""
-    from tqdm.auto import tqdm
-
-    blocks = []
-    for eff, n in tqdm(list(zip(effects, counts.values())), desc="predict", unit="pert",
-                       disable=not progress):
-        idx = rng.integers(0, ctrl_x.shape[0], size=n)
-        dense = ctrl_x[idx].toarray()
-        dense += eff.astype(np.float32)
-        np.maximum(dense, 0, out=dense)
-        blocks.append(sp.csr_matrix(dense))
-    return blocks
+def group_means_of(st: _TrainStats) -> tuple[GroupMeans, list[str]]:
+    """The training pseudobulks as the corpus path's :class:`GroupMeans` (``[C, P, G]`` over
+    ``st.contexts`` and the perturbations, control first then sorted, as a corpus orders its
+    labels), and that perturbation list."""
+    perts = [st.control_label, *sorted(set(st.group_pert) - {st.control_label})]
+    ci = {c: i for i, c in enumerate(st.contexts)}
+    pi = {p: i for i, p in enumerate(perts)}
+    means = np.full((len(st.contexts), len(perts), st.n_genes), np.nan)
+    n_cells = np.zeros((len(st.contexts), len(perts)), np.int64)
+    for k, (c, p) in enumerate(zip(st.group_ctx, st.group_pert)):
+        means[ci[c], pi[p]] = st.group_sum[k] / st.group_n[k]
+        n_cells[ci[c], pi[p]] = st.group_n[k]
+    return GroupMeans(means, n_cells, 0), perts
 
 
 # --------------------------------------------------------------------------------------------
@@ -608,6 +599,10 @@ class _ShiftBaseline(Baseline):
             self._delta[c] = {p: means[k] - means[k0] for k, (cc, p) in
                               enumerate(zip(st.group_ctx, st.group_pert))
                               if cc == c and p != st.control_label}
+        # the same pseudobulk cube as the corpus path: the context-mean prior and the
+        # ("transfer", "onehot") features come from vcc_dist.data.pseudobulk
+        self._means, self._perts = group_means_of(st)
+        self._ctx_index = {c: i for i, c in enumerate(st.contexts)}
         self._cache: dict[Any, Any] = {}
 
     def deltas(self, context: str) -> dict[str, np.ndarray]:
@@ -615,19 +610,24 @@ class _ShiftBaseline(Baseline):
         self._fitted()
         return dict(self._delta.get(context, {}))
 
+    @property
+    def pseudobulks(self) -> tuple[GroupMeans, list[str]]:
+        """The training pseudobulks as the corpus path's :class:`GroupMeans` over
+        :attr:`contexts` and these perturbations (control first, then sorted)."""
+        self._fitted()
+        return self._means, list(self._perts)
+
     def _transfer(self, context: str, include_target: bool) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """Per perturbation the mean delta over the contexts used for transfer, and the mean of
         those over perturbations (None if there are none)."""
         key = ("transfer", context, include_target)
         if key not in self._cache:
-            ctxs = [c for c in self._delta if c != context or include_target]
-            acc: dict[str, list[np.ndarray]] = {}
-            for c in ctxs:
-                for p, d in self._delta[c].items():
-                    acc.setdefault(p, []).append(d)
-            tr = {p: np.mean(v, axis=0) for p, v in acc.items()}
-            glob = np.mean(list(tr.values()), axis=0) if tr else None
-            self._cache[key] = (tr, glob)
+            # a context outside training, or counting the target itself: every context votes
+            target = None if include_target else self._ctx_index.get(context)
+            cm = self._means.context_mean(target)
+            tr = {p: cm.effect[i] for i, p in enumerate(self._perts)
+                  if cm.seen[i] and i != self._means.control_index}
+            self._cache[key] = (tr, cm.average)
         return self._cache[key]
 
     @abc.abstractmethod
@@ -635,8 +635,12 @@ class _ShiftBaseline(Baseline):
         """(len(perts), G) float64 predicted deltas in ``context``."""
 
     def _perturbed_rows(self, counts, context, ctrl_x, rng):
+        from tqdm.auto import tqdm
+
         eff = self.effects(list(counts), context)
-        return _shift_rows(eff, counts, ctrl_x, rng, self.progress)
+        cells = context_mean_cells(ctrl_x, eff, list(counts.values()), rng)
+        return [sp.csr_matrix(b) for b in tqdm(cells, total=len(counts), desc="predict",
+                                               unit="pert", disable=not self.progress)]
 
 
 class ContextMeanBaseline(_ShiftBaseline):
@@ -711,6 +715,26 @@ def ridge_fit(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, n
     return w, ym - xm @ w
 
 
+def feature_sources(features: Mapping[str, Any] | PathLike | Sequence[str] | None
+                    ) -> tuple[str, ...]:
+    """The ST feature sources named by a ridge ``features`` value, or ``()`` when it is per-gene
+    vectors (a dict or one ``.pt`` path) or None. Sources: a list/tuple of ``"transfer"``,
+    ``"onehot"`` and ``.pt`` paths (ST's ``features``, :func:`vcc_dist.data.pseudobulk.
+    build_features`), or the string ``"transfer"`` / ``"onehot"`` alone."""
+    if features is None or isinstance(features, Mapping):
+        return ()
+    if isinstance(features, (str, os.PathLike)):
+        return (str(features),) if str(features) in FEATURE_KINDS else ()
+    if isinstance(features, Sequence):
+        srcs = tuple(str(f) if isinstance(f, os.PathLike) else f for f in features)
+        if not srcs or not all(isinstance(f, str) for f in srcs):
+            raise BaselineError(f"ridge features {features!r}: give a non-empty list of "
+                                "'transfer', 'onehot' or .pt paths (ST's features)")
+        return srcs
+    raise BaselineError(f"ridge features: expected a dict gene -> vector, a .pt path or a list "
+                        f"of ST feature sources, got {type(features).__name__}")
+
+
 @dataclass
 class _RidgeModel:
     w: np.ndarray
@@ -726,8 +750,8 @@ class RidgeDeltaBaseline(_ShiftBaseline):
     name = "ridge"
 
     def __init__(self, alpha: float = 1.0, n_components: int = 10, *,
-                 features: Mapping[str, Any] | PathLike | None = None, residual: bool = True,
-                 progress: bool = False):
+                 features: Mapping[str, Any] | PathLike | Sequence[str] | None = None,
+                 residual: bool = True, progress: bool = False):
         super().__init__(progress=progress)
         if alpha < 0:
             raise BaselineError(f"ridge alpha must be >= 0, got {alpha}")
@@ -736,12 +760,20 @@ class RidgeDeltaBaseline(_ShiftBaseline):
         self.alpha = float(alpha)
         self.n_components = int(n_components)
         self.residual = residual
-        self.features = features
+        self.feature_sources = feature_sources(features)
+        self.features = None if self.feature_sources else features
         self._feats: dict[str, np.ndarray] | None = None
+        self._table: np.ndarray | None = None
 
     def _fit_model(self, st: _TrainStats) -> None:
         super()._fit_model(st)
-        if self.features is not None and self._feats is None:
+        if self.feature_sources:
+            try:  # the [C, P, D] table ST builds on a corpus, here from the training AnnData
+                self._table = build_features(self.feature_sources, list(st.contexts),
+                                             self._perts, self._means).table
+            except FeatureError as e:
+                raise BaselineError(f"ridge features {list(self.feature_sources)}: {e}") from e
+        elif self.features is not None and self._feats is None:
             self._feats = load_pert_features(self.features)
 
     def _base(self, perts: Sequence[str], context: str) -> np.ndarray:
@@ -758,6 +790,23 @@ class RidgeDeltaBaseline(_ShiftBaseline):
         """(function perts -> standardised features, set of perts that have features)."""
         st = self._fitted()
         train_perts = sorted(set(st.group_pert) - {st.control_label})
+        if self._table is not None:
+            ci = self._ctx_index.get(context)
+            if ci is None:  # a context outside training has no few-shot perturbations
+                return None, set()
+            rows = {p: i for i, p in enumerate(self._perts) if i != self._means.control_index}
+            f = self._table[ci].astype(np.float64)
+            mu, sd = f[list(rows.values())].mean(0), f[list(rows.values())].std(0)
+            sd[sd == 0] = 1.0
+
+            def featurize(perts):
+                out = np.zeros((len(perts), mu.size))
+                for i, p in enumerate(perts):
+                    if p in rows:
+                        out[i] = (f[rows[p]] - mu) / sd
+                return out
+
+            return featurize, set(rows)
         if self._feats is not None:
             have = [p for p in train_perts if p in self._feats]
             if len(have) < 2:
@@ -808,7 +857,9 @@ class RidgeDeltaBaseline(_ShiftBaseline):
         fewshot = sorted(p for p in own if p in have)
         model = None
         if featurize is None or len(fewshot) < 2:
-            src = "per-gene feature vectors" if self._feats is not None else "effects in other contexts"
+            src = ("features " + "+".join(self.feature_sources) if self._table is not None
+                   else "per-gene feature vectors" if self._feats is not None
+                   else "effects in other contexts")
             warnings.warn(
                 f"ridge: only {len(fewshot)} few-shot perturbation(s) with {src} in context "
                 f"{context!r} (fewer than 2); falling back to the context-mean baseline",
@@ -823,6 +874,13 @@ class RidgeDeltaBaseline(_ShiftBaseline):
             log.info("ridge: fitted on %d few-shot perturbations of %r", len(fewshot), context)
         self._cache[key] = model
         return model
+
+    @property
+    def feature_table(self) -> np.ndarray | None:
+        """``[C, P, D]`` ST features (``features`` given as sources) over :attr:`contexts` and
+        the :attr:`pseudobulks` perturbations; None with other features."""
+        self._fitted()
+        return self._table
 
     def fewshot_perts(self, context: str) -> list[str]:
         """The few-shot perturbations the ridge of ``context`` is fitted on ([] on fallback)."""

@@ -2,7 +2,9 @@
 
 The held-out "real" file is what the challenge hands the scorer: the held-out context's cells
 of the held-out perturbations (a split's few-shot val + test, or every perturbation of a
-zero-shot context) plus that context's control cells. Every baseline is fitted on the rest,
+zero-shot context) plus that context's control cells, chosen by the corpus path's rule
+(:mod:`vcc_dist.data.heldout`) on the split read by the one split reader
+(:class:`vcc_dist.data.splits.SplitSpec`). Every baseline is fitted on the rest,
 predicts the same perturbations with the same cell counts, and is scored against the real
 file; the overall score uses the cell-mean baseline as reference, as ``cell-eval score`` does.
 """
@@ -17,9 +19,10 @@ import numpy as np
 import pandas as pd
 
 from vcc_dist.constants import CONTEXT_KEY, CONTROL_LABEL, PERT_KEY
+from vcc_dist.data.heldout import heldout_rows
+from vcc_dist.data.splits import TEST, VAL, SplitSpec
 from vcc_dist.infer.baselines import (
     exclude_heldout,
-    load_split,
     make_baseline,
     pert_counts_from,
 )
@@ -28,35 +31,36 @@ from vcc_dist.metrics import vcc
 KINDS = ("cell-mean", "context-mean", "ridge")
 
 
-def heldout_real(adata: ad.AnnData, heldout: dict, *, context_key: str = CONTEXT_KEY,
-                 pert_col: str = PERT_KEY, control_label: str = CONTROL_LABEL
-                 ) -> tuple[str, ad.AnnData]:
-    """(context, real AnnData) for a split with exactly one held-out context."""
-    if len(heldout) != 1:
-        raise ValueError(f"expected one held-out context in the split, got {sorted(heldout)}")
-    ctx, perts = next(iter(heldout.items()))
+def heldout_real(adata: ad.AnnData, split: SplitSpec, *, context: str | None = None,
+                 context_key: str = CONTEXT_KEY, pert_col: str = PERT_KEY,
+                 control_label: str = CONTROL_LABEL) -> tuple[str, ad.AnnData]:
+    """(context, real AnnData): every val and test cell of the held-out context (default: the
+    one context holding some) plus all its control cells, in file order. The selection is the
+    corpus path's rule (:func:`vcc_dist.data.heldout.heldout_rows`), uncapped."""
     c = adata.obs[context_key].astype(str).to_numpy()
     p = adata.obs[pert_col].astype(str).to_numpy()
-    held = (p != control_label) if perts is None else np.isin(p, sorted(perts))
-    keep = (c == ctx) & (held | (p == control_label))
-    if not (keep & (p != control_label)).any():
-        raise ValueError(f"the split holds out nothing of context {ctx!r} in this data")
-    real = adata[keep].copy()
+    sel = heldout_rows(c, p, split, (VAL, TEST), control_label=control_label, context=context)
+    real = adata[sel.all_rows()].copy()
     real.obs[pert_col] = real.obs[pert_col].astype(str)
-    return ctx, real
+    return sel.context, real
 
 
 def score_baselines(h5ads, split_path, out_dir, *, kinds=KINDS, features=None,
                     seed: int = 0, progress: bool = False) -> pd.DataFrame:
     """Fit each baseline on the training cells, predict the held-out cells, score them.
-    Writes real.h5ad, <kind>.h5ad, results_<kind>.csv and scores.csv/json to ``out_dir``."""
+    Writes real.h5ad, <kind>.h5ad, results_<kind>.csv and scores.csv/json to ``out_dir``.
+
+    ``features``: the ridge's features (``RidgeDeltaBaseline(features=...)``): None (PCA of the
+    other-context effects), a ``{gene: vector}`` .pt path, or ST's feature sources, e.g.
+    ``("transfer", "onehot")`` as ST's demo recipe, so the report's ridge and ST see the same
+    inputs."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = [ad.read_h5ad(h) for h in h5ads]
     full = ad.concat(files, join="inner", index_unique="-") if len(files) > 1 else files[0]
-    heldout = load_split(split_path)
-    ctx, real = heldout_real(full, heldout)
-    train = exclude_heldout(full, heldout)
+    split = SplitSpec.from_toml(split_path)
+    ctx, real = heldout_real(full, split)
+    train = exclude_heldout(full, split)
     counts = pert_counts_from(real)
     real.write_h5ad(out / "real.h5ad")
     real_s = vcc.summarize(real, what="real")

@@ -36,7 +36,9 @@ What prep passes through and ``cell-eval run`` then crashes on or mis-scores (er
 * perturbation labels that differ from the real file's, control included
   (``pert_set_mismatch``: cell-eval run raises "Perturbation mismatch"), and, against the
   challenge's expected-counts CSV, missing or extra perturbations and perturbations with more
-  or fewer cells than expected (``pert_set_mismatch``, ``cell_count_mismatch``);
+  or fewer cells than expected (``pert_set_mismatch``, ``cell_count_mismatch``); against the
+  real file, perturbations with more or fewer cells than it has (``cell_count_mismatch``;
+  controls excluded, as in the counts CSV);
 * genes in another order than the real file's when prep will not reorder them (``gene_order``
   as an error: cell-eval run compares ``var_names`` position by position).
 
@@ -112,7 +114,8 @@ PROBLEM_CODES: dict[str, tuple[str, str]] = {
     "integer_counts": (WARNING, "X holds integers: cell-eval will log-normalise it"),
     "matrix_format": (WARNING, "X is dense or CSC rather than CSR"),
     "pert_set_mismatch": (ERROR, "perturbations differ from the expected / real ones"),
-    "cell_count_mismatch": (ERROR, "cells per perturbation differ from the expected counts"),
+    "cell_count_mismatch": (ERROR, "cells per perturbation differ from the expected counts / "
+                            "real file"),
 }
 
 
@@ -667,11 +670,16 @@ def _check_labels(rep, obs, pert_col, control_label, max_cells, n_cells):
     return as_str, counts
 
 
-def _check_counts(rep, counts: pd.Series, expected: pd.Series):
+def _check_counts(rep, counts: pd.Series, expected: pd.Series, *,
+                  ref: str = "the expected counts", fix: str = "Predict exactly n_cells cells "
+                  "per perturbation.", check_set: bool = True):
+    """Cells per perturbation (controls excluded) against ``expected``: one
+    ``cell_count_mismatch`` naming every perturbation with more or fewer cells than ``ref``
+    (and, with ``check_set``, a ``pert_set_mismatch`` for missing or extra ones)."""
     exp = expected  # zero-cell rows are dropped by read_expected_counts
     missing = [p for p in exp.index if p not in counts.index]
     extra = [p for p in counts.index if p not in exp.index]
-    if missing or extra:
+    if check_set and (missing or extra):
         rep.add("pert_set_mismatch",
                 f"perturbations differ from the expected counts: {len(missing):,} expected "
                 f"but absent ({_names(missing)}), {len(extra):,} not expected "
@@ -683,12 +691,26 @@ def _check_counts(rep, counts: pd.Series, expected: pd.Series):
     if len(diff):
         more = [p for p in diff if counts[p] > exp[p]]
         fewer = [p for p in diff if counts[p] < exp[p]]
-        ex = [f"{p}: {counts[p]:,} predicted vs {exp[p]:,} expected" for p in diff]
+        word = "expected" if ref == "the expected counts" else "in the real file"
+        ex = [f"{p}: {counts[p]:,} predicted vs {exp[p]:,} {word}" for p in diff]
         rep.add("cell_count_mismatch",
-                f"{len(diff):,} perturbations have another number of cells than expected "
+                f"{len(diff):,} perturbations have another number of cells than in {ref} "
                 f"({len(more):,} more, {len(fewer):,} fewer), e.g. "
-                f"{'; '.join(ex[:5])}. Predict exactly n_cells cells per perturbation.",
+                f"{'; '.join(ex[:5])}. {fix}",
                 count=len(diff), examples=ex[:N_EXAMPLES])
+
+
+def _check_real_counts(rep, counts: pd.Series, real_labels, control_label: str) -> None:
+    """The prediction's cells per perturbation against the real file's (controls excluded:
+    a prediction's controls are usually real training controls, in any number)."""
+    if real_labels is None:
+        return  # _check_real_perts reports the missing column
+    real = pd.Series(real_labels.to_numpy(dtype=str)).value_counts()
+    real = real[real.index != control_label]
+    _check_counts(rep, counts, real, ref="the real file", check_set=False,
+                  fix="Predict as many cells for each perturbation as the real file has "
+                  "(real.obs[pert_col].value_counts(); the challenge's counts CSV lists the "
+                  "same numbers), e.g. pass those counts to the predict / baseline job.")
 
 
 def _check_real_perts(rep, labels_str, real_labels, control_label):
@@ -793,7 +815,8 @@ def validate_submission(pred, *, gene_list: str | os.PathLike | Sequence[str] | 
     ``expected_counts``: CSV path or DataFrame with ``target_gene`` and ``n_cells`` (control
     rows ignored): the perturbations and cells per perturbation to predict. ``real``: the real
     file (path or AnnData; only obs and var are read), whose perturbation labels (control
-    included) and genes must match as cell-eval run requires. ``max_cells`` /
+    included) and genes must match as cell-eval run requires, and whose cells per perturbation
+    (controls excluded) the prediction must have. ``max_cells`` /
     ``expected_genes``: prep's limits (None disables). X is read ``chunk_values`` stored
     values at a time. Returns a ``SubmissionReport``; raises ``SubmissionError`` only when an
     input cannot be read.
@@ -816,6 +839,7 @@ def validate_submission(pred, *, gene_list: str | os.PathLike | Sequence[str] | 
             _check_counts(rep, counts, expected)
         if labels is not None and real is not None:
             _check_real_perts(rep, labels, real_labels, control_label)
+            _check_real_counts(rep, counts, real_labels, control_label)
         scan = _scan_matrix(src, chunk_values)
         _check_values(rep, scan, np.asarray(obs.index), np.asarray(var_names), labels)
     finally:

@@ -30,9 +30,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 from scipy.spatial.distance import cdist
+from tqdm.auto import tqdm
 
 from vcc_dist.constants import CONTROL_LABEL, PERT_KEY
 from vcc_dist.metrics.de import DEResult, bh_fdr, de_against_control, pseudobulk
@@ -127,7 +129,9 @@ def _labels(adata, pert_col: str, what: str) -> np.ndarray:
     return col.to_numpy(str)
 
 
-def _de_task(x, control_rows, rows_by_target):
+def _de_chunk(shared, rows_by_target):
+    """One Ray task's share of the DE: ``shared`` is (normalised X, control rows)."""
+    x, control_rows = shared
     de = de_against_control(x, rows_by_target, control_rows)
     return de.lfc, de.pvalue, de.pseudobulk, de.control_pseudobulk
 
@@ -141,8 +145,6 @@ def summarize(adata, *, pert_col: str = PERT_KEY, control_label: str = CONTROL_L
     float X is taken as log1p expression. ``num_workers > 1`` splits the perturbations over
     Ray tasks (the cluster Ray is connected to, or a local one); results do not depend on it.
     """
-    import anndata as ad
-
     owned = False
     if isinstance(adata, (str, Path)):
         path = Path(adata)
@@ -191,7 +193,6 @@ def _run_de(x, control_rows, rows_by_target, num_workers, progress, what):
         return _run_de_ray(x, control_rows, rows_by_target, num_workers)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
         bar = tqdm(total=n, desc=f"DE {what}", unit="pert")
     try:
         de = de_against_control(x, rows_by_target, control_rows, progress=bar)
@@ -202,22 +203,19 @@ def _run_de(x, control_rows, rows_by_target, num_workers, progress, what):
 
 
 def _run_de_ray(x, control_rows, rows_by_target, num_workers):
-    import ray
+    # Ray is the optional parallel path: metrics only calls the project's one Ray helper, and
+    # only here, so importing (and unit-testing) the metrics never loads Ray
+    from vcc_dist.ray_utils import ray_map
 
-    from vcc_dist.ray_utils import ensure_ray
-
-    ensure_ray()
     names = list(rows_by_target)
     chunks = [names[i::num_workers] for i in range(min(num_workers, len(names)))]
-    task = ray.remote(_de_task)
-    x_ref = ray.put(x)
-    futures = [task.remote(x_ref, control_rows, {p: rows_by_target[p] for p in c})
-               for c in chunks]
+    parts = ray_map(_de_chunk, (x, control_rows),
+                    [{p: rows_by_target[p] for p in c} for c in chunks])
     pos = {p: i for i, p in enumerate(names)}
     lfc = np.empty((len(names), x.shape[1]))
     pv = np.empty_like(lfc)
     bulk = np.empty(lfc.shape, x.dtype)
-    for c, (lc, pc, bc, ctrl_bulk) in zip(chunks, ray.get(futures)):
+    for c, (lc, pc, bc, ctrl_bulk) in zip(chunks, parts):
         idx = [pos[p] for p in c]
         lfc[idx], pv[idx], bulk[idx] = lc, pc, bc
     return lfc, pv, bulk, ctrl_bulk

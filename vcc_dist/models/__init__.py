@@ -1,1 +1,2 @@
-"""Model architectures (pure torch): no ray, deepspeed or wandb here."""
+"""Model architectures (pure torch): ST (st), SE (se), distribution losses (losses) and
+perturbation feature tables (features). No ray, deepspeed or wandb here (tests/test_imports.py)."""

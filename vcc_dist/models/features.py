@@ -1,7 +1,8 @@
 """Perturbation features for ST: one-hot, or vectors from a ``{gene: vector}`` ``.pt`` file.
 
 The file format is STATE's (e.g. ``ESM2_pert_features.pt``): a dict mapping a gene symbol to a
-1-D tensor, read with ``torch.load(weights_only=True)``. Unlike STATE, which silently gives a zero
+1-D tensor, read with ``torch.load(weights_only=True)`` by the one reader of the format,
+:func:`vcc_dist.data.gene_tables.read_gene_table` (re-exported here). Unlike STATE, which silently gives a zero
 vector to any perturbation missing from the file, a missing perturbation is an error here. The one
 exception is the control label (``CONTROL_LABEL``, "non-targeting"): when the file has no entry
 for it, it gets the zero vector, which is what STATE does for the control.
@@ -9,13 +10,16 @@ for it, it gets the zero vector, which is what STATE does for the control.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from vcc_dist.constants import CONTROL_LABEL
+from vcc_dist.data.gene_tables import read_gene_table
+from vcc_dist.fileio import file_sha256
+
+__all__ = ["PerturbationFeatures", "read_gene_table"]
 
 _MISSING_EXAMPLES = 10
 
@@ -31,30 +35,6 @@ def _check_names(perturbations: list[str]) -> list[str]:
     return names
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_gene_table(path: str | Path) -> dict[str, Tensor]:
-    """A STATE-format ``{gene: 1-D tensor}`` file, checked: a non-empty dict whose vectors are
-    all 1-D of one length. The one reader of this format (ST features here, the SE gene table
-    in ``vcc_dist.esm.embed.load_gene_embeddings``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"perturbation feature file not found: {path}")
-    table = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(table, dict) or not table:
-        raise ValueError(
-            f"{path}: expected a non-empty dict {{gene: 1-D tensor}}; got {type(table).__name__}"
-        )
-    dims = {tuple(torch.as_tensor(v).shape) for v in table.values()}
-    if len(dims) != 1 or len(next(iter(dims))) != 1:
-        raise ValueError(f"{path}: every vector must be 1-D of one length; found shapes {sorted(dims)}")
-    return table
 
 
 class PerturbationFeatures:
@@ -106,7 +86,7 @@ class PerturbationFeatures:
             torch.as_tensor(table[n], dtype=torch.float32) if n in table else torch.zeros(dim)
             for n in names
         ]
-        return cls(torch.stack(rows), names, kind="file", source=str(path), sha256=_sha256(path))
+        return cls(torch.stack(rows), names, kind="file", source=str(path), sha256=file_sha256(path))
 
     @property
     def dim(self) -> int:

@@ -1,1 +1,1 @@
-"""Reports: statistics tables and plots."""
+"""Reports: the corpus statistics report (statistics: per-gene CSV, plots, summary)."""

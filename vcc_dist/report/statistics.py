@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import zarr
+from anndata.io import read_elem
 
 from vcc_dist import constants as K
 from vcc_dist.data.corpus import load_manifest, store_path
@@ -32,9 +34,6 @@ class StatisticsOutputs:
 def condition_tables(corpus_dir: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray]:
     """All (context, perturbation) conditions of a corpus with their cell counts, and their
     pseudobulks (mean log1p-CP10k per gene), merged across stores by cell-weighted mean."""
-    import zarr
-    from anndata.io import read_elem
-
     m = load_manifest(corpus_dir)
     frames, sums = [], []
     for s in m.stores:

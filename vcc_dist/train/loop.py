@@ -1,20 +1,20 @@
-"""What every vcc-dist trainer shares (ST and SE): recipes and overrides, the per-worker
-training loop with exact-resume checkpoints, and the Ray Train driver.
+"""What every vcc-dist trainer shares (ST and SE): the run section of their configs, the
+per-worker training loop with exact-resume checkpoints, and the Ray Train driver.
 
 The per-worker loop (:func:`worker_loop`) is the part worth sharing: for each epoch, rank 0
 tells the stream's position board which epoch to play and which batches to skip (after a
 restart), then every rank consumes its shard, steps the DeepSpeed engine, logs from rank 0,
-and at every ``checkpoint_every`` optimizer steps and at each epoch's end runs the
-trainer's validation (collective), saves every rank's DeepSpeed shard plus a manifest and
-reports the checkpoint to Ray with its ranking ``score``. The trainer supplies a
-:class:`LoopHooks`: the step (micro-batch -> loss), the validation, the manifest and the
-resume check.
+and every ``checkpoint_every`` optimizer steps (or, when it is 0, at each epoch's end) and at
+the last step runs the trainer's validation (collective), saves every rank's DeepSpeed shard
+plus a manifest and reports the checkpoint to Ray with its ranking ``score``. The trainer
+supplies a :class:`LoopHooks`: the step (micro-batch -> loss), the validation, the manifest
+and the resume check.
 
-Checkpoint layout (one directory, merged by Ray from every rank's files)::
+The driver's preamble (:func:`begin_run`) refuses a run before it writes anything: missing
+inputs, hardware the workers lack, a checkpoint made with other inputs, and a resource plan
+under which the data stream gets no CPU (:func:`check_resource_plan`).
 
-    deepspeed/state/...     DeepSpeed's sharded model/optimizer/scheduler state
-    manifest.json           kind, the trainer's manifest, config, trainer state, val metrics
-    <extra files>           whatever the trainer's ``write_files`` adds (rank 0)
+Checkpoints follow the contract in :mod:`vcc_dist.checkpoint` (layout, typed manifest).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from vcc_dist.checkpoint import (
     latest_checkpoint,
     read_manifest,
 )
-from vcc_dist.config import ConfigError, check_ints, merge, parse_overrides, recipe_dict
+from vcc_dist.config import ConfigError, check_ints, check_sections
 from vcc_dist.fileio import atomic_json
 from vcc_dist.train.engine import EngineConfig, OptimConfig
 from vcc_dist.train.runlog import WandbConfig
@@ -78,6 +78,7 @@ class RunSection:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
+        check_sections(self)
         missing = [k for k in ("corpus", "run_dir") if not getattr(self, k)]
         if missing:
             raise ConfigError(f"the config needs {missing} (e.g. --corpus, --run-dir)")
@@ -489,5 +490,4 @@ def begin_run(cfg, prepare: Callable, prep_key: Callable, load_prep: Callable,
 
 __all__ = ["DS_DIR", "DS_TAG", "MANIFEST", "CheckpointMismatch", "FitResult", "LoopHooks",
            "ResourcePlanError", "RunSection", "RunStart", "Schedule", "atomic_json", "begin_run",
-           "cached_prep", "check_resource_plan", "fit", "latest_checkpoint", "merge",
-           "parse_overrides", "recipe_dict", "worker_loop"]
+           "cached_prep", "check_resource_plan", "fit", "latest_checkpoint", "worker_loop"]

@@ -75,6 +75,7 @@ from vcc_dist.constants import CONTROL_LABEL, PERT_KEY
 from vcc_dist.data.embeddings import CorpusEmbeddings, embedding_status
 from vcc_dist.data.labels import corpus_labels
 from vcc_dist.data.plans import SetStreamConfig
+from vcc_dist.data.pseudobulk import context_mean_cells
 from vcc_dist.data.reader import CorpusReader
 from vcc_dist.data.splits import has_role
 from vcc_dist.data.streams import set_plan, set_stream
@@ -295,7 +296,9 @@ def prep_key(cfg: STTrainConfig) -> dict:
             "val": [cfg.val_role, cfg.val_max_cells, cfg.val_max_controls],
             "pb": cfg.pseudobulk_max_cells, "model": to_dict(cfg.model), "preset": cfg.preset,
             "workers": cfg.num_workers, "seed": cfg.seed, "embeddings": _embedding_state(cfg),
-            "grad_accum": cfg.optim.grad_accum_steps}
+            "grad_accum": cfg.optim.grad_accum_steps,
+            # 2: one context-mean prior for transfer features and baselines (vcc_dist.data.pseudobulk)
+            "prep_version": 2}
 
 
 def _embedding_state(cfg: STTrainConfig) -> dict | None:
@@ -396,10 +399,9 @@ def _val_baselines(reader, held, means, prep_dir: Path) -> dict:
     real_s.save(prep_dir / "val_real.npz")
     cm = means.cell_mean()
     cm_pred = [np.repeat(cm[None], r.shape[0], 0) for r in real]
-    tr = means.transfer()[held.context_index]
-    rng = np.random.default_rng(0)
-    ctx_pred = [np.maximum(ctrl[rng.integers(0, ctrl.shape[0], r.shape[0])] + tr[p], 0)
-                for r, p in zip(real, held.pert_index)]
+    effect = means.context_mean(held.context_index).effect[held.pert_index]
+    ctx_pred = list(context_mean_cells(ctrl, effect, [r.shape[0] for r in real],
+                                       np.random.default_rng(0)))
     out = {}
     cm_s = vcc.summarize(_held_adata(cm_pred, held.perts, ctrl, genes), what="cell-mean")
     out["cell-mean"] = vcc.evaluate(real_s, cm_s).agg

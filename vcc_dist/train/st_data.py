@@ -3,24 +3,14 @@ perturbation feature table, and the held-out cells a validation or a prediction 
 
 * :func:`group_means` — the mean normalised expression of every training (context,
   perturbation) group, read once from the corpus (capped at ``max_cells`` cells per group,
-  sampled with a seed). From it come the "transfer" features and the cell-mean reference.
-* :class:`FeatureTable` — perturbation features per (context, perturbation): ``[C, P, D]``.
-  Sources, concatenated in the order given:
-
-  - ``"onehot"``: the perturbation's unit vector (the same in every context);
-  - a ``.pt`` path: STATE's ``{gene: vector}`` file (e.g. ESM2 features, ``jobs/embed_genes.py``);
-    a perturbation missing from the file is an error;
-  - ``"transfer"``: the perturbation's mean effect (pseudobulk minus the context's control
-    pseudobulk, log1p space) over the *other* training contexts where it was seen — the
-    context-mean baseline's effect, handed to the model as an input. Leave-one-context-out
-    matters: in a training context the feature never contains that context's own effect, so
-    the model learns to map other contexts' effects to this context's response, which is
-    exactly what it must do in the held-out context. A perturbation seen in no other context
-    gets the average effect over all perturbations (as the context-mean baseline does).
-
-  The control perturbation gets zeros from "transfer" (its effect is zero by definition).
+  sampled with a seed), as a :class:`vcc_dist.data.pseudobulk.GroupMeans`. From it come the
+  context-mean prior, the "transfer" features and the cell-mean reference; the maths, the
+  feature table (:func:`build_features`, :class:`FeatureTable`) and the context-mean cells live
+  in :mod:`vcc_dist.data.pseudobulk`, shared with the AnnData baselines, and are re-exported
+  here.
 * :func:`heldout_groups` — the cells of one role ("val"/"test") of one context: per
-  perturbation, the corpus addresses of its real cells, and the context's control cells.
+  perturbation, the corpus addresses of its real cells, and the context's control cells,
+  chosen by the one held-out rule (:func:`vcc_dist.data.heldout.select_heldout`).
 """
 
 from __future__ import annotations
@@ -29,20 +19,34 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from vcc_dist.data.heldout import choose_context, select_heldout
 from vcc_dist.data.plans import SetPlan
+from vcc_dist.data.pseudobulk import (
+    ONEHOT,
+    TRANSFER,
+    FeatureError,
+    FeatureTable,
+    GroupMeans,
+    build_features,
+)
 from vcc_dist.data.reader import CorpusReader
 from vcc_dist.data.splits import TRAIN, has_role
 
-ONEHOT, TRANSFER = "onehot", "transfer"
-
-
-class FeatureError(ValueError):
-    """A perturbation feature source that cannot be used."""
+__all__ = [
+    "ONEHOT",
+    "TRANSFER",
+    "FeatureError",
+    "FeatureTable",
+    "GroupMeans",
+    "HeldOut",
+    "build_features",
+    "corpus_fingerprint",
+    "group_means",
+    "heldout_groups",
+]
 
 
 def corpus_fingerprint(reader: CorpusReader) -> str:
@@ -58,58 +62,6 @@ def corpus_fingerprint(reader: CorpusReader) -> str:
 # ---------------------------------------------------------------------------------------------
 # training pseudobulks
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class GroupMeans:
-    """Mean normalised expression of the training cells per (context, perturbation).
-
-    ``means[c, p]`` (float64, ``[C, P, G]``) is NaN where the group has no training cells;
-    ``n_cells[c, p]`` the cells it has (the means use at most ``max_cells`` of them)."""
-
-    means: np.ndarray
-    n_cells: np.ndarray
-    control_index: int
-
-    @property
-    def seen(self) -> np.ndarray:
-        return self.n_cells > 0
-
-    def deltas(self) -> np.ndarray:
-        """Effect of every seen group: its mean minus the context's control mean (NaN where
-        unseen or where the context has no training controls)."""
-        ctrl = self.means[:, self.control_index, :]
-        return self.means - ctrl[:, None, :]
-
-    def transfer(self) -> np.ndarray:
-        """``[C, P, G]`` float32: mean effect of p over the seen contexts other than c; the
-        average effect over all perturbations where p was seen nowhere else; 0 for control."""
-        d = self.deltas()
-        ok = np.isfinite(d).all(axis=2) & self.seen
-        ok[:, self.control_index] = False
-        dz = np.where(ok[:, :, None], d, 0.0)
-        tot, cnt = dz.sum(axis=0), ok.sum(axis=0)  # over contexts: [P, G], [P]
-        C, P, G = d.shape
-        out = np.empty((C, P, G), np.float32)
-        avg = dz.sum(axis=(0, 1)) / max(int(ok.sum()), 1)  # the average perturbation
-        for c in range(C):
-            n = cnt - ok[c]
-            s = tot - dz[c]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                m = s / n[:, None]
-            m[n == 0] = avg
-            out[c] = m
-        out[:, self.control_index, :] = 0.0
-        return out
-
-    def cell_mean(self) -> np.ndarray:
-        """cell-eval's baseline vector in this space: the unweighted mean over perturbations
-        (control included) of each perturbation's mean over all its training cells."""
-        w = self.n_cells.astype(np.float64)
-        with np.errstate(invalid="ignore"):
-            pooled = (np.nan_to_num(self.means) * w[:, :, None]).sum(0) / w.sum(0)[:, None]
-        seen = w.sum(0) > 0
-        return pooled[seen].mean(axis=0).astype(np.float32)
 
 
 def group_means(plan: SetPlan, reader: CorpusReader, *, role: str = TRAIN,
@@ -144,62 +96,6 @@ def group_means(plan: SetPlan, reader: CorpusReader, *, role: str = TRAIN,
 
 
 # ---------------------------------------------------------------------------------------------
-# perturbation features
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FeatureTable:
-    """Perturbation features per (context, perturbation): ``table[c, p]`` is ``[D]``."""
-
-    table: np.ndarray  # [C, P, D] float32
-    sources: list[dict[str, Any]]
-
-    @property
-    def dim(self) -> int:
-        return int(self.table.shape[2])
-
-    def manifest(self) -> dict[str, Any]:
-        return {"dim": self.dim, "shape": list(self.table.shape), "sources": self.sources}
-
-
-def build_features(sources: tuple[str, ...] | list[str], contexts: list[str],
-                   perturbations: list[str], means: GroupMeans | None = None) -> FeatureTable:
-    """The ``[C, P, D]`` table of ``sources`` (see the module docstring), concatenated."""
-    from vcc_dist.models.features import PerturbationFeatures
-
-    if not sources:
-        raise FeatureError("no perturbation feature source given; use 'onehot', 'transfer' or "
-                           "a STATE {gene: vector} .pt file")
-    C, P = len(contexts), len(perturbations)
-    parts, meta = [], []
-    for src in sources:
-        if src == ONEHOT:
-            f = PerturbationFeatures.one_hot(list(perturbations))
-            parts.append(np.broadcast_to(f.matrix.numpy(), (C, P, f.dim)))
-            meta.append({"kind": ONEHOT, "dim": f.dim})
-        elif src == TRANSFER:
-            if means is None:
-                raise FeatureError("'transfer' features need the training pseudobulks")
-            tr = means.transfer()
-            parts.append(tr)
-            meta.append({"kind": TRANSFER, "dim": int(tr.shape[2])})
-        else:
-            path = Path(src)
-            if not path.is_file():
-                raise FeatureError(f"perturbation feature source {src!r} is neither 'onehot', "
-                                   "'transfer' nor an existing .pt file")
-            try:
-                f = PerturbationFeatures.from_file(path, list(perturbations))
-            except ValueError as e:
-                raise FeatureError(str(e)) from None
-            parts.append(np.broadcast_to(f.matrix.numpy(), (C, P, f.dim)))
-            meta.append({"kind": "file", **f.to_manifest()})
-    table = np.concatenate([np.asarray(p, np.float32) for p in parts], axis=2)
-    return FeatureTable(np.ascontiguousarray(table), meta)
-
-
-# ---------------------------------------------------------------------------------------------
 # held-out cells
 # ---------------------------------------------------------------------------------------------
 
@@ -227,43 +123,27 @@ def heldout_groups(plan: SetPlan, role: str, *, context: str | None = None,
                    seed: int = 0) -> HeldOut:
     """The ``role`` cells of ``context`` (default: the one context holding ``role`` groups)
     per perturbation, capped at ``max_cells`` per perturbation (seeded sample), and up to
-    ``max_controls`` control cells of that context."""
+    ``max_controls`` control cells of that context: :func:`vcc_dist.data.heldout.select_heldout`
+    on the corpus (a perturbation's candidates are its groups' cells in plan order)."""
     labels = plan.labels
     t = plan.table
     sel = np.array([has_role(r, role) for r in t["role"]], bool) & ~plan.is_control_group
-    if not sel.any():
-        raise ValueError(f"the split has no {role!r} perturbations")
-    ctxs = sorted({labels.contexts[int(c)] for c in t["context"][sel]})
-    if context is None:
-        if len(ctxs) != 1:
-            raise ValueError(f"the {role!r} perturbations span contexts {ctxs}; name one "
-                             "(context=...)")
-        context = ctxs[0]
-    if context not in ctxs:
-        raise ValueError(f"context {context!r} has no {role!r} perturbations; contexts with "
-                         f"some: {ctxs}")
+    context = choose_context((labels.contexts[int(c)] for c in t["context"][sel]), role, context)
     ci = labels.contexts.index(context)
-    rng = np.random.default_rng(seed)
     by_pert: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     for i in np.flatnonzero(sel & (t["context"].to_numpy() == ci)):
         g = plan.groups[i]
         by_pert.setdefault(int(t["pert"].iat[i]), []).append(g.locate(np.arange(g.n)))
-    pidx = np.array(sorted(by_pert), np.int64)
-    cells = []
-    for p in pidx:
-        st = np.concatenate([a for a, _ in by_pert[int(p)]])
-        rw = np.concatenate([b for _, b in by_pert[int(p)]])
-        if max_cells is not None and rw.size > max_cells:
-            k = np.sort(rng.choice(rw.size, max_cells, replace=False))
-            st, rw = st[k], rw[k]
-        cells.append((st.astype(np.int32), rw.astype(np.int64)))
+    cand = {labels.perturbations[p]: (np.concatenate([a for a, _ in v]),
+                                      np.concatenate([b for _, b in v]))
+            for p, v in by_pert.items()}
     pool = plan.pools.get((ci, -1))
-    if pool is None or pool.n == 0:
-        raise ValueError(f"context {context!r} has no control cells in the corpus; a "
-                         "prediction starts from the target context's controls")
-    k = np.arange(pool.n)
-    if max_controls is not None and pool.n > max_controls:
-        k = np.sort(rng.choice(pool.n, max_controls, replace=False))
-    cst, crw = pool.locate(k)
-    return HeldOut(context, ci, [labels.perturbations[int(p)] for p in pidx], pidx, cells,
+    draw = select_heldout({p: rw.size for p, (_, rw) in cand.items()},
+                          0 if pool is None else pool.n, context, max_cells=max_cells,
+                          max_controls=max_controls, seed=seed)
+    cells = [(cand[p][0][k].astype(np.int32), cand[p][1][k].astype(np.int64))
+             for p, k in zip(draw.perts, draw.cells)]
+    pidx = np.array([labels.perturbations.index(p) for p in draw.perts], np.int64)
+    cst, crw = pool.locate(draw.controls)
+    return HeldOut(context, ci, list(draw.perts), pidx, cells,
                    (cst.astype(np.int32), crw.astype(np.int64)))
