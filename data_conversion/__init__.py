@@ -1,4 +1,4 @@
-"""h5ad -> vcc-dist corpus conversion and validation (DESIGN.md §3)."""
+"""h5ad -> vcc-dist corpus conversion and validation (docs/design.md §3)."""
 
 from .convert import ConvertConfig, convert_corpus
 from .source import ConversionError, ConversionWarning, CorruptInputError

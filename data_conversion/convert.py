@@ -1,4 +1,4 @@
-"""h5ad -> corpus conversion (DESIGN.md §3).
+"""h5ad -> corpus conversion (docs/design.md §3).
 
 On the driver, planning reads every input's metadata and perturbation column: an input
 without control cells (usually a wrong ``--control-label``) is an error, and each input's gene
@@ -649,7 +649,7 @@ def convert_store(task: StoreTask, cfg: ConvertConfig, corpus_dir: str, genes: l
                 ad.AnnData(obs=obs, var=var).write_zarr(str(tmp))
             del obs
             root = zarr.open_group(str(tmp), mode="a", use_consolidated=False)
-            # the Rust codec pipeline encodes shards on all cores, off the GIL (STACK_NOTES);
+            # the Rust codec pipeline encodes shards on all cores, off the GIL (docs/stack_notes.md);
             # zarr fixes an array's pipeline when the array is created, so set it first
             if _has_zarrs():
                 stack.enter_context(

@@ -1,7 +1,7 @@
 """Writing one corpus store: AnnData-encoded Zarr v3 with a row-read-friendly CSR layout.
 
 Why not ``anndata.write_zarr``/``write_elem`` for X: they need the whole matrix in memory and
-ignore chunk settings for sparse X (STACK_NOTES), so we write the three CSR arrays ourselves in
+ignore chunk settings for sparse X (docs/stack_notes.md), so we write the three CSR arrays ourselves in
 anndata's documented encoding (group attrs ``encoding-type: csr_matrix``, ``encoding-version:
 0.1.0``, ``shape``) and let anndata write everything else (obs, var, uns).
 """

@@ -214,7 +214,8 @@ def test_st_trains_on_se_embeddings_and_predicts(embedded, tiny_corpus, tmp_path
     loaded = load_st_checkpoint(r.run_dir, "latest")
     ctx = r.prep.val["context"]
     perts = r.prep.val["perts"][:2]
-    out = predict_context(loaded, corpus, ctx, {p: 5 for p in perts}, tmp_path / "pred.h5ad")
+    with pytest.warns(UserWarning, match="validation perturbations of this checkpoint"):
+        out = predict_context(loaded, corpus, ctx, {p: 5 for p in perts}, tmp_path / "pred.h5ad")
     import anndata as ad
 
     a = ad.read_h5ad(out)

@@ -263,3 +263,19 @@ def test_resume_check_names_the_mismatch():
         check_resume(m, P({**ck, "corpus_fingerprint": "c2"}))
     with pytest.raises(CheckpointMismatch, match="gene vocabulary"):
         check_resume(m, P({**ck, "genes": ["g2", "g1"]}))
+
+
+def test_job_refuses_a_plan_that_starves_the_data_stream(tiny_corpus, tmp_path):
+    """Two workers x 1 CPU on a 2-CPU Ray leaves the stream no CPU: the job used to wait
+    forever; it is refused up front, naming the fix, and writes nothing."""
+    sim, corpus = tiny_corpus
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    p = subprocess.run([sys.executable, "jobs/train_st.py", "--recipe", "debug", "--corpus",
+                        str(corpus), "--split", str(sim.split_path), "--run-dir", str(run),
+                        "--num-workers", "2", "--num-cpus", "2", "--no-progress",
+                        "--wandb", "disabled"], cwd=ROOT, capture_output=True, text=True,
+                       env=env, timeout=300, check=False)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "data stream" in p.stderr and "cpus_per_worker=0.5" in p.stderr, p.stderr[-2000:]
+    assert not run.exists()

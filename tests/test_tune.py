@@ -21,7 +21,7 @@ def ray_dashboard():
 
     from vcc_dist.ray_utils import ensure_ray
 
-    # ASHA's early stops release Train placement groups only with the dashboard (STACK_NOTES),
+    # ASHA's early stops release Train placement groups only with the dashboard (docs/stack_notes.md),
     # and only when Ray's state API finds it (ensure_ray pins its address for every process)
     ensure_ray(num_cpus=2, include_dashboard=True, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -1,4 +1,4 @@
-"""The one place vcc-dist touches DeepSpeed (DESIGN §5).
+"""The one place vcc-dist touches DeepSpeed (docs/design.md §5).
 
 Everything a training loop needs from DeepSpeed goes through this module: the typed
 configs (:class:`OptimConfig`, :class:`EngineConfig`), the learning-rate schedule

@@ -3,7 +3,7 @@
 The ST trainer (and later the SE trainer) builds one :class:`RunLogger` per run, on every rank,
 with ``enabled=(rank == 0)``: on the other ranks every method is a cheap no-op that writes
 nothing and never imports wandb. (Ray Train V2's ``setup_wandb(rank_zero_only=True)`` does not
-restrict logging, so the rank check is explicit; see STACK_NOTES.)
+restrict logging, so the rank check is explicit; see docs/stack_notes.md.)
 
 What lands in ``run_dir``::
 

@@ -1,4 +1,4 @@
-"""SE pretraining on Ray Train + DeepSpeed (DESIGN.md §5).
+"""SE pretraining on Ray Train + DeepSpeed (docs/design.md §5).
 
     cfg = se_recipe("small", corpus="runs/demo/corpus", gene_table="runs/demo/esm/gene_embeddings.pt",
                     run_dir="runs/demo/se")

@@ -1,4 +1,4 @@
-"""ST training on Ray Train + DeepSpeed (DESIGN.md §5).
+"""ST training on Ray Train + DeepSpeed (docs/design.md §5).
 
     cfg = st_recipe("demo", corpus="runs/demo/corpus", split="runs/demo/sim/split.toml",
                     run_dir="runs/demo/st")
@@ -7,24 +7,27 @@
 
 What happens:
 
-1. **Preparation** (driver, cached in ``<run_dir>/prep``): the training pseudobulks of every
-   (context, perturbation) group, the perturbation feature table ``[C, P, D]``
-   (vcc_dist.train.st_data), and the validation cells: the split's ``val`` perturbations of
-   the held-out context with that context's controls. Their challenge summaries are computed
-   once, as are the cell-mean reference (the score's 0) and the context-mean baseline's
-   metrics, so every validation reports the model next to them.
+1. **Preparation** (driver, cached in ``<run_dir>/prep``; vcc_dist.train.loop.begin_run refuses
+   a run before writing anything): cheap checks first (the plan, the step count, the model
+   config), then the training pseudobulks of every (context, perturbation) group and the
+   perturbation feature table ``[C, P, D]`` (vcc_dist.data.pseudobulk), then the validation
+   cells: the split's ``val`` perturbations of the held-out context with that context's
+   controls (a split without them trains without validation, with a warning). Their challenge
+   summaries are computed once, as are the cell-mean reference (the score's 0) and the
+   context-mean baseline's metrics, so every validation reports the model next to them.
 2. **Training** (``num_workers`` Ray Train workers): each consumes its shard of the set stream
    (vcc_dist.data.streams.set_stream) and steps a DeepSpeed engine (vcc_dist.train.engine:
    ZeRO stage, precision, accumulation, clipping, AdamW with warm-up + cosine). Loss: energy
    distance between predicted and real perturbed sets (or Sinkhorn / MSE), plus the gene
    decoder's term for embedding-space models.
-3. **Validation and checkpoints** every ``checkpoint_every`` optimizer steps and at the end of
-   every epoch: all ranks predict the validation perturbations (sets split over ranks), rank 0
-   scores them with the challenge metrics (DES, PDS, MAE, score against cell-mean: exactly
-   vcc_dist.metrics, i.e. cell-eval 0.8.2) and every rank saves its DeepSpeed shard; Ray
-   merges them into one checkpoint with a manifest (model config, genes, perturbations,
-   contexts, feature table and sources, corpus fingerprint, normalisation, stream position).
-   The best ``keep_checkpoints`` by validation score are kept, and the latest.
+3. **Validation and checkpoints** every ``checkpoint_every`` optimizer steps (0: at the end
+   of every epoch) and at the last step: all ranks predict the validation perturbations (sets
+   split over ranks), rank 0 scores them with the challenge metrics (DES, PDS, MAE, score
+   against cell-mean: exactly vcc_dist.metrics, i.e. cell-eval 0.8.2) and every rank saves its
+   DeepSpeed shard; Ray merges them into one checkpoint with a typed, versioned manifest
+   (vcc_dist.checkpoint.STManifest: model config, ZeRO stage, genes, perturbations, contexts,
+   feature table and sources, corpus fingerprint, normalisation, stream position, the ranks'
+   Ray nodes). The best ``keep_checkpoints`` by validation score are kept, and the latest.
 4. **Fault tolerance**: a killed worker restarts the worker group (``max_failures``) from the
    latest checkpoint; the stream resumes at the checkpoint's epoch, skipping the batches it
    had consumed (a named position board actor tells the datasource, see streams.py). Running

@@ -1,11 +1,11 @@
-"""Ray Tune sweeps of ST training against the challenge score (DESIGN.md §2, jobs/tune_st.py).
+"""Ray Tune sweeps of ST training against the challenge score (docs/design.md §5, jobs/tune_st.py).
 
     cfg = SweepConfig(recipe="demo", space="default", corpus="runs/demo/corpus",
                       split="runs/demo/sim/split.toml", run_dir="runs/demo/tune", num_samples=16)
     res = run_sweep(cfg)                 # embedded local Ray unless RAY_ADDRESS / a cluster
     res.best_recipe                      # a recipe file: jobs/train_st.py --recipe <it>
 
-How it runs (Ray 2.60's pattern for Tune over Train V2, STACK_NOTES): every trial is a
+How it runs (Ray 2.60's pattern for Tune over Train V2, docs/stack_notes.md): every trial is a
 *driver function* (it reserves no CPU) that builds the trial's complete
 :class:`~vcc_dist.train.st.STTrainConfig` (the base recipe plus the sampled values, dotted
 keys such as ``optim.lr`` or ``model.hidden_dim``) and runs :func:`vcc_dist.train.st.train_st`,
