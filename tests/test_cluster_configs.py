@@ -360,14 +360,15 @@ def _functions_reached(tree, names):
 
 def job_options(job: str) -> set[str]:
     """The `--options` of jobs/<job>.py, read from its source without importing it: its own
-    add_argument calls, or, for thin wrappers, those of the repo functions it imports."""
+    add_argument calls and those of the repo functions it imports."""
     path = ROOT / "jobs" / f"{job}.py"
     tree = ast.parse(path.read_text(), filename=str(path))
     opts = _add_argument_options([tree])
-    if not opts:
-        for mod, names in _imported_parsers(tree, path):
-            mtree = ast.parse(mod.read_text(), filename=str(mod))
-            opts |= _add_argument_options(_functions_reached(mtree, names))
+    # plus the options of the repo functions it imports (jobs/_cli.py's shared options, or a
+    # thin wrapper's parser in data_conversion/cli.py)
+    for mod, names in _imported_parsers(tree, path):
+        mtree = ast.parse(mod.read_text(), filename=str(mod))
+        opts |= _add_argument_options(_functions_reached(mtree, names))
     return opts
 
 

@@ -48,6 +48,13 @@ def test_main_job_end_to_end_and_rerun_skips(tmp_path):
             "ST, best Tune trial"} <= models
     assert "## Models and baselines on the held-out context" in report
     assert "![SE pretraining](se/curves.png)" in report and "tune/sweep.png" in report
+    # defect 11: one Tune figure, named: the best trial by validation score (its best over its
+    # validations), then its test score; Tune's own last-result ranking is not printed
+    assert "Current best trial" not in log
+    best = [ln for ln in log.splitlines() if "best trial" in ln]
+    assert len(best) == 2 and all("by validation score (its best over" in ln for ln in best), best
+    assert "its test score: the predict stage" in best[0] and "Tune: best trial" in best[1]
+    assert "by validation score (its best over" in report and "its test score:" in report
     log2 = _run(out)
     for stage in ("simulate: up to date, skipped", "convert: corpus complete, skipped",
                   "baselines: up to date, skipped", "esm: up to date, skipped",
@@ -55,3 +62,15 @@ def test_main_job_end_to_end_and_rerun_skips(tmp_path):
                   "st: up to date, skipped", "st_se: up to date, skipped",
                   "tune: up to date, skipped"):
         assert stage in log2, (stage, log2[-3000:])
+    assert "[12/12] predict:" in log2 and (out / "report.md").read_text() == report
+
+
+def test_until_rejects_an_unknown_stage_listing_the_stages(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "jobs" / "main.py"), "--out",
+                        str(tmp_path / "run"), "--until", "train"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    assert "--until: unknown stage 'train'" in p.stderr
+    assert "simulate, convert, validate, statistics, baselines, esm, se, embed, st, st_se, " \
+           "tune, predict" in p.stderr
+    assert not (tmp_path / "run").exists()

@@ -37,6 +37,7 @@ it; with a single dataset every store belongs to it.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import tomllib
@@ -270,8 +271,6 @@ def _expand_braces(pattern: str) -> list[str]:
 
 def _path_matches(spec: str, source_realpath: str) -> bool:
     """Whether a [datasets] path (directory, file or glob with braces) covers a source file."""
-    import fnmatch
-
     spec = os.path.expanduser(spec)
     if any(c in spec for c in "*?[{"):
         return any(fnmatch.fnmatch(source_realpath, os.path.realpath(p)) or

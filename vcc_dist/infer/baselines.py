@@ -91,6 +91,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from tqdm.auto import tqdm
 
 from vcc_dist.constants import CONTEXT_KEY, CONTROL_LABEL, PERT_KEY
 from vcc_dist.data.gene_tables import read_gene_table
@@ -269,8 +270,6 @@ def exclude_heldout(adata: ad.AnnData, split: SplitSpec, *,
 
 def _group_sums(x, codes: np.ndarray, n_groups: int, progress: bool, desc: str) -> np.ndarray:
     """float64 (n_groups, G) sums of the rows of ``x`` per group code."""
-    from tqdm.auto import tqdm
-
     n, g = x.shape
     out = np.zeros((n_groups, g), np.float64)
     starts = range(0, n, _CHUNK_ROWS)
@@ -635,8 +634,6 @@ class _ShiftBaseline(Baseline):
         """(len(perts), G) float64 predicted deltas in ``context``."""
 
     def _perturbed_rows(self, counts, context, ctrl_x, rng):
-        from tqdm.auto import tqdm
-
         eff = self.effects(list(counts), context)
         cells = context_mean_cells(ctrl_x, eff, list(counts.values()), rng)
         return [sp.csr_matrix(b) for b in tqdm(cells, total=len(counts), desc="predict",

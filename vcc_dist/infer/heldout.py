@@ -81,7 +81,7 @@ def score_baselines(h5ads, split_path, out_dir, *, kinds=KINDS, features=None,
         rows.append(row)
     table = pd.DataFrame(rows)
     table.to_csv(out / "scores.csv", index=False)
-    # scores.json marks the stage complete (jobs/main.py): written last, and atomically
+    # scores.json marks the stage complete (vcc_dist.pipeline): written last, and atomically
     tmp = out / "scores.json.tmp"
     tmp.write_text(json.dumps({
         "context": ctx, "n_perturbations": len(counts), "n_real_cells": int(real.n_obs),

@@ -61,11 +61,17 @@ class LoadedSE:
     @property
     def identity(self) -> dict[str, Any]:
         """What identifies the model in the embeddings' manifest."""
-        return {"checkpoint": str(self.path),
-                "checkpoint_id": hashlib.sha256(json.dumps(
-                    [self.manifest.saved_at, self.manifest.model_config,
-                     self.manifest.trainer_state.to_dict()], sort_keys=True).encode()).hexdigest()[:16],
-                "model": "SE", "step": self.manifest.step}
+        return se_identity(self.path, self.manifest)
+
+
+def se_identity(ck: str | os.PathLike, manifest: SEManifest) -> dict[str, Any]:
+    """What identifies an SE checkpoint in the embeddings' manifest (from its manifest alone:
+    no model is loaded)."""
+    return {"checkpoint": str(ck),
+            "checkpoint_id": hashlib.sha256(json.dumps(
+                [manifest.saved_at, manifest.model_config, manifest.trainer_state.to_dict()],
+                sort_keys=True).encode()).hexdigest()[:16],
+            "model": "SE", "step": manifest.step}
 
 
 def load_se_checkpoint(path: str | os.PathLike, which: str = "best") -> LoadedSE:

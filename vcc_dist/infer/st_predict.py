@@ -21,9 +21,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import anndata as ad
+import h5py
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
+from anndata.io import sparse_dataset, write_elem
 from tqdm.auto import tqdm
 
 from vcc_dist.checkpoint import (
@@ -114,11 +118,6 @@ class SubmissionWriter:
 
     def __init__(self, path: str | os.PathLike, labels: Sequence[str], genes: Sequence[str], *,
                  pert_col: str = PERT_KEY, control_label: str = CONTROL_LABEL):
-        import anndata as ad
-        import h5py
-        import pandas as pd
-        from anndata.io import write_elem
-
         self.path = Path(path)
         labels = np.asarray(labels, dtype=object).astype(str)
         if not (labels == control_label).any():
@@ -151,8 +150,6 @@ class SubmissionWriter:
         x.eliminate_zeros()
         x.sort_indices()
         if self._x is None:
-            from anndata.io import sparse_dataset, write_elem
-
             write_elem(self.f, "X", x)
             self._x = sparse_dataset(self.f["X"])
         elif x.shape[0]:

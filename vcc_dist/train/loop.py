@@ -32,6 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
 from vcc_dist.checkpoint import (
     DS_DIR,
     DS_TAG,
@@ -42,9 +49,12 @@ from vcc_dist.checkpoint import (
     read_manifest,
 )
 from vcc_dist.config import ConfigError, check_ints, check_sections
+from vcc_dist.data.plans import StreamPosition
+from vcc_dist.data.streams import position_board, set_board
 from vcc_dist.fileio import atomic_json
-from vcc_dist.train.engine import EngineConfig, OptimConfig
-from vcc_dist.train.runlog import WandbConfig
+from vcc_dist.ray_utils import ensure_ray
+from vcc_dist.train.engine import EngineConfig, OptimConfig, load_checkpoint, save_checkpoint
+from vcc_dist.train.runlog import RunLogger, WandbConfig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,16 +152,6 @@ def worker_loop(engine, batches: Callable, board: str, sched: Schedule, hooks: L
                 run_name: str, config: dict, wandb: WandbConfig, optim: dict) -> dict | None:
     """Train with resume from ``ray.train.get_checkpoint()``; see the module docstring.
     Returns rank 0's summary (None on other ranks)."""
-    import ray
-    import ray.train
-    import torch
-    import torch.distributed as dist
-
-    from vcc_dist.data.plans import StreamPosition
-    from vcc_dist.data.streams import set_board
-    from vcc_dist.train.engine import load_checkpoint, save_checkpoint
-    from vcc_dist.train.runlog import RunLogger
-
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     run_path = Path(run_dir)
@@ -329,10 +329,6 @@ def fit(loop: Callable, loop_config: dict, *, run_dir: Path, datasets: dict, num
     run_dir resumes from its latest checkpoint), keep the best ``keep_checkpoints`` by
     ``score`` plus the latest, and write ``best_checkpoint.json`` / ``latest_checkpoint.json``.
     ``callbacks``: Ray Train callbacks (e.g. Tune's TuneReportCallback inside a sweep trial)."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     trainer = TorchTrainer(
         loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
@@ -436,11 +432,6 @@ def begin_run(cfg, prepare: Callable, prep_key: Callable, load_prep: Callable,
 
     ``prepare(cfg, out_dir, progress)`` writes a prep into ``out_dir`` and returns it;
     ``prep_key(cfg)`` identifies a prep; ``load_prep(dir)`` reads one back."""
-    import ray
-
-    from vcc_dist.data.streams import position_board
-    from vcc_dist.ray_utils import ensure_ray
-
     run_dir = Path(cfg.run_dir).resolve()
     # absolute input paths: Ray Train runs each worker in its own working directory
     paths = {k: str(Path(getattr(cfg, k)).resolve()) for k in ("corpus", "split", "gene_table")

@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from vcc_dist.data.heldout import choose_context, select_heldout
 from vcc_dist.data.plans import SetPlan
@@ -68,8 +69,6 @@ def group_means(plan: SetPlan, reader: CorpusReader, *, role: str = TRAIN,
                 max_cells: int = 2000, seed: int = 0, progress: bool = False) -> GroupMeans:
     """Pseudobulks of the ``role`` cells of every (context, perturbation) group of ``plan``
     (groups split by batch are pooled). Reads at most ``max_cells`` cells per group."""
-    from tqdm.auto import tqdm
-
     labels = plan.labels
     C, P, G = len(labels.contexts), len(labels.perturbations), reader.n_genes
     sums = np.zeros((C, P, G), np.float64)

@@ -276,7 +276,10 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, resume: bool = True) -
                                         trial_name_creator=name, trial_dirname_creator=name),
             run_config=tune.RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
                                       failure_config=tune.FailureConfig(max_failures=0),
-                                      verbose=1 if progress else 0))
+                                      # Tune's own status table ranks trials by their
+                                      # *last* result; the sweep's one ranking (best over a
+                                      # trial's validations) is printed after fit
+                                      verbose=0))
     if progress:
         print(f"[tune] {cfg.num_samples} samples of space {cfg.space!r} on recipe "
               f"{cfg.recipe!r}, {conc} at a time, {cfg.scheduler} + {cfg.searcher}; "
@@ -300,6 +303,14 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, resume: bool = True) -
                "best": best, "best_recipe": str(best_recipe) if best_recipe else None,
                "max_concurrent": conc, "wall_s": time.perf_counter() - t0}
     atomic_json(run_dir / "summary.json", summary)
+    if progress:
+        for _, r in table.iterrows():
+            print(f"[tune] trial {r['trial_id']}: {r['status']}, {r['validations']} validations, "
+                  f"best validation score {r.get('best_score')}", flush=True)
+        if best is not None:
+            print(f"[tune] best trial {best['trial_id']} by validation score (its best over "
+                  f"{best['validations']} validations): {best['best_score']:.4f}; recipe "
+                  f"{best_recipe}", flush=True)
     return SweepResult(run_dir, table, best_recipe, best, plot, summary["wall_s"])
 
 
