@@ -84,7 +84,7 @@ def test_sweep_outputs_best_recipe_csv_and_plot(sweep, tiny_corpus, tmp_path):
     from vcc_dist.train.st import st_recipe
 
     c = st_recipe(str(res.best_recipe), run_dir=str(tmp_path / "st"))
-    assert c.optim["lr"] == recipe["optim"]["lr"] and c.corpus == cfg.corpus
+    assert c.optim.lr == recipe["optim"]["lr"] and c.corpus == cfg.corpus
     assert (res.run_dir / "sweep.png").stat().st_size > 1000
     summary = json.loads((res.run_dir / "summary.json").read_text())
     assert summary["trials"] == 4 and summary["max_concurrent"] == 2

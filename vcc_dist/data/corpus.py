@@ -1,6 +1,7 @@
 """The corpus: on-disk contract between conversion and everything downstream (docs/design.md §3).
 
-A corpus is a directory::
+A corpus is a directory, local or in object storage (``s3://bucket/prefix``, see
+vcc_dist/storage.py)::
 
     corpus.json            manifest: format version, gene vocabulary + hash, stores, gene statistics
     stores/<name>.zarr     one AnnData-encoded Zarr v3 store per input (or input part)
@@ -30,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from vcc_dist import constants as K
+from vcc_dist import storage
 
 
 class CorpusError(ValueError):
@@ -262,7 +264,12 @@ class CorpusManifest:
         return cls(**d)
 
     def save(self, corpus_dir: str | os.PathLike) -> None:
-        """Atomic write: a reader never sees a half-written manifest."""
+        """Atomic write: a reader never sees a half-written manifest (locally a temporary file
+        renamed over it; in object storage one PUT)."""
+        if storage.is_remote(corpus_dir):
+            storage.write_bytes(storage.join(corpus_dir, K.CORPUS_MANIFEST),
+                                json.dumps(self.to_json(), indent=1).encode())
+            return
         path = Path(corpus_dir) / K.CORPUS_MANIFEST
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".corpus.json.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
@@ -283,13 +290,17 @@ class CorpusManifest:
         return np.asarray(self.gene_table()["highly_variable"], bool)
 
 
-def load_manifest(corpus_dir: str | os.PathLike, require_complete: bool = True) -> CorpusManifest:
-    path = Path(corpus_dir) / K.CORPUS_MANIFEST
-    if not path.exists():
+def load_manifest(corpus_dir: str | os.PathLike, require_complete: bool = True,
+                  options: storage.S3Options | None = None) -> CorpusManifest:
+    """The corpus manifest of ``corpus_dir`` (a local directory or ``s3://bucket/prefix``;
+    ``options``: object-storage settings, default the AWS variables)."""
+    path = storage.join(corpus_dir, K.CORPUS_MANIFEST)
+    try:
+        raw = storage.read_bytes(path, options)
+    except FileNotFoundError:
         raise CorpusError(f"{corpus_dir} is not a corpus: {K.CORPUS_MANIFEST} is missing. "
-                          "Create one with `python jobs/convert.py`.")
-    with open(path) as f:
-        m = CorpusManifest.from_json(json.load(f))
+                          "Create one with `python jobs/convert.py`.") from None
+    m = CorpusManifest.from_json(json.loads(raw))
     if require_complete and m.status != "complete":
         pending = [s.name for s in m.stores if s.status != "complete"]
         raise CorpusError(
@@ -299,5 +310,7 @@ def load_manifest(corpus_dir: str | os.PathLike, require_complete: bool = True) 
     return m
 
 
-def store_path(corpus_dir: str | os.PathLike, name: str) -> Path:
-    return Path(corpus_dir) / K.CORPUS_STORES_DIR / f"{name}.zarr"
+def store_path(corpus_dir: str | os.PathLike, name: str) -> Path | str:
+    """Where store ``name`` of a corpus lives: a ``Path`` for a local corpus, an ``s3://`` URI
+    (a string) for one in object storage (open it with ``storage.open_zarr_store``)."""
+    return storage.join(corpus_dir, K.CORPUS_STORES_DIR, f"{name}.zarr")

@@ -58,6 +58,7 @@ from pandas.api.types import union_categoricals
 from zarr.codecs import BloscCodec
 
 from vcc_dist import constants as K
+from vcc_dist import storage
 from vcc_dist.data.corpus import load_manifest, store_path
 from vcc_dist.data.reader import zarrs_pipeline
 
@@ -94,9 +95,10 @@ def _check_key(key: str) -> str:
     return key
 
 
-def final_path(store: str | os.PathLike, key: str) -> Path:
-    """Where a complete embedding lives: ``<store>/obsm/<key>``."""
-    return Path(store) / "obsm" / _check_key(key)
+def final_path(store: str | os.PathLike, key: str) -> Path | str:
+    """Where a complete embedding lives: ``<store>/obsm/<key>`` (a ``Path`` for a local store,
+    an ``s3://`` URI for one in object storage)."""
+    return storage.join(store, "obsm", _check_key(key))
 
 
 def partial_path(store: str | os.PathLike, key: str) -> Path:
@@ -351,11 +353,16 @@ class EmbeddingWriter:
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_manifest(store: Path, key: str) -> dict[str, Any] | None:
-    """The manifest of a complete ``obsm/<key>`` of a store, else None."""
-    p = final_path(store, key) / "zarr.json"
+def _read_manifest(store: Path | str, key: str,
+                   options: storage.S3Options | None = None) -> dict[str, Any] | None:
+    """The manifest of a complete ``obsm/<key>`` of a store (local or remote), else None."""
+    p = storage.join(final_path(store, key), "zarr.json")
     try:
-        d = json.loads(p.read_text())
+        d = json.loads(storage.read_bytes(p, options))
+    except FileNotFoundError:
+        return None
+    except storage.StorageError:
+        raise  # unreachable object storage is not "no embedding"
     except (OSError, ValueError):
         return None
     m = (d.get("attributes") or {}).get(EMBED_ATTR)
@@ -366,20 +373,24 @@ def _read_manifest(store: Path, key: str) -> dict[str, Any] | None:
     return m
 
 
-def _open(store: Path, key: str, threads: int | None = None) -> tuple[zarr.Array, dict]:
-    m = _read_manifest(store, key)
+def _open(store: Path | str, key: str, threads: int | None = None,
+          options: storage.S3Options | None = None) -> tuple[zarr.Array, dict]:
+    m = _read_manifest(store, key, options)
+    final = final_path(store, key)
     if m is None:
-        what = "has no" if not final_path(store, key).exists() else "has an incomplete"
+        what = ("has no" if not storage.exists(storage.join(final, "zarr.json"), options)
+                else "has an incomplete")
         raise EmbeddingError(f"store {store} {what} embedding {key!r}; run `{EMBED_JOB}` on its "
                              "corpus to compute it (it resumes unfinished stores)")
-    with zarrs_pipeline(threads):  # the pipeline is fixed when an array is opened
-        arr = zarr.open_array(str(final_path(store, key)), mode="r")
+    # the pipeline is fixed when an array is opened; zarrs reads local files only
+    with contextlib.nullcontext() if storage.is_remote(final) else zarrs_pipeline(threads):
+        arr = zarr.open_array(storage.open_zarr_store(final, "r", options), mode="r")
     return arr, m
 
 
-def _resolve_store(path: str | os.PathLike, store: str | None) -> Path:
-    p = Path(path)
-    if (p / K.CORPUS_MANIFEST).exists():
+def _resolve_store(path: str | os.PathLike, store: str | None) -> Path | str:
+    p = storage.location(path)
+    if storage.exists(storage.join(p, K.CORPUS_MANIFEST)):
         names = [s.name for s in load_manifest(p, require_complete=False).stores]
         if store is None:
             if len(names) != 1:
@@ -430,20 +441,22 @@ def read_embeddings(path: str | os.PathLike, key: str, rows: np.ndarray,
     return _gather_rows(arr, rows, np.empty((rows.size, int(m["dim"])), np.float32))
 
 
-def embedding_status(corpus_dir: str | os.PathLike, key: str = DEFAULT_KEY
+def embedding_status(corpus_dir: str | os.PathLike, key: str = DEFAULT_KEY,
+                     options: storage.S3Options | None = None
                      ) -> dict[str, dict[str, Any] | None]:
     """Store name -> the manifest of its complete embedding ``key`` (None: missing, partial,
     or not matching the store's cell count), for every store of the corpus manifest. Also
-    finishes a commit that was killed after its rename (re-consolidates that store)."""
+    finishes a commit that was killed after its rename (re-consolidates that store; local
+    corpora only: a corpus in object storage is read as it is)."""
     _check_key(key)
-    m = load_manifest(corpus_dir, require_complete=False)
+    m = load_manifest(corpus_dir, require_complete=False, options=options)
     out: dict[str, dict[str, Any] | None] = {}
     for s in m.stores:
         sp = store_path(corpus_dir, s.name)
-        meta = _read_manifest(sp, key)
+        meta = _read_manifest(sp, key, options)
         if meta is not None and s.n_cells is not None and int(meta["n_rows"]) != int(s.n_cells):
             meta = None
-        if meta is not None and not _visible(sp, key):
+        if meta is not None and isinstance(sp, Path) and not _visible(sp, key):
             with contextlib.suppress(OSError):  # finish a commit killed before its last step
                 _reconsolidate(sp)
         out[s.name] = meta
@@ -463,16 +476,19 @@ class CorpusEmbeddings:
     by different models would silently train on incompatible spaces. Arrays are opened lazily
     in each process; pickling ships only paths (Ray tasks reopen them). Store ids are the
     corpus's store numbers; ``stores`` (names) limits the checks to those stores (the others
-    cannot be gathered from then)."""
+    cannot be gathered from then). ``corpus_dir`` may be ``s3://bucket/prefix``: the
+    object-storage settings (``s3``, default the AWS variables now) travel with the pickle."""
 
     def __init__(self, corpus_dir: str | os.PathLike, key: str = DEFAULT_KEY,
-                 decode_threads: int | None = None, stores: Sequence[str] | None = None):
-        self.corpus_dir = Path(corpus_dir)
+                 decode_threads: int | None = None, stores: Sequence[str] | None = None,
+                 s3: storage.S3Options | None = None):
+        self.corpus_dir = storage.location(corpus_dir)
+        self.s3 = (s3 or storage.S3Options.from_env()) if storage.is_remote(corpus_dir) else None
         self.key = _check_key(key)
         self.decode_threads = decode_threads
-        manifest = load_manifest(self.corpus_dir)
+        manifest = load_manifest(self.corpus_dir, options=self.s3)
         self.store_names = [s.name for s in manifest.stores]
-        status = embedding_status(self.corpus_dir, key)
+        status = embedding_status(self.corpus_dir, key, self.s3)
         wanted = self.store_names if stores is None else list(stores)
         unknown = [n for n in wanted if n not in status]
         if unknown:
@@ -515,7 +531,7 @@ class CorpusEmbeddings:
         a = self._arrays.get(i)
         if a is None:
             a, _ = _open(store_path(self.corpus_dir, self.store_names[i]), self.key,
-                         self.decode_threads)
+                         self.decode_threads, self.s3)
             self._arrays[i] = a
         return a
 

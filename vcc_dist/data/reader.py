@@ -15,6 +15,12 @@ Every loader in vcc-dist reads rows through :class:`CorpusReader`:
 Why not anndata's lazy ``sparse_dataset``: it re-reads ``indptr`` slices and decodes each
 requested row range separately (no merging, no reuse of decoded chunks) and cannot return rows
 in a requested order; it was 2x slower per row in benchmarks/store_layout.py.
+
+A corpus may live in object storage (``s3://bucket/prefix``, vcc_dist/storage.py): the stores
+are opened through ``storage.open_zarr_store`` and a read fetches up to
+``storage.concurrency()`` slices (of ``X/data`` or ``X/indices``) at once per process, each
+slice's chunks with zarr's own bounded ``async.concurrency``; values are identical to a local
+read.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +44,7 @@ import zarr
 from zarr.core.buffer.cpu import NDBuffer
 
 from vcc_dist import constants as K
+from vcc_dist import storage
 from vcc_dist.data.corpus import CorpusError, CorpusManifest, load_manifest, store_path
 
 #: obs columns whose integer codes a reader keeps per store (labels stay in the categories)
@@ -204,15 +212,22 @@ def merge_runs(rows: np.ndarray, indptr: np.ndarray, max_gap: int) -> np.ndarray
 
 
 class StoreReader:
-    """One corpus store: in-memory indptr/totals/label codes, row reads of X."""
+    """One corpus store: in-memory indptr/totals/label codes, row reads of X.
 
-    def __init__(self, path: str | os.PathLike, n_genes: int, threads: int | None = None):
+    ``path``: a local directory or an ``s3://`` URI (``options``: its object-storage settings,
+    default the AWS variables)."""
+
+    def __init__(self, path: str | os.PathLike, n_genes: int, threads: int | None = None,
+                 options: storage.S3Options | None = None):
         tune_malloc()
         self.path = str(path)
+        self.remote = storage.is_remote(path)
         try:
-            root = zarr.open_group(self.path, mode="r")
+            root = zarr.open_group(storage.open_zarr_store(path, "r", options), mode="r")
             x = root["X"]
-            with zarrs_pipeline(threads):  # the pipeline is fixed when an array is opened
+            # the pipeline is fixed when an array is opened; zarrs reads local files itself
+            # and has no object-store access (zarr's own pipeline decodes remote chunks)
+            with contextlib.nullcontext() if self.remote else zarrs_pipeline(threads):
                 self._data = x["data"]
                 self._indices = x["indices"]
             self.indptr = np.asarray(x["indptr"][:], np.int64)
@@ -223,7 +238,7 @@ class StoreReader:
             for key in LABEL_KEYS:
                 self.codes[key] = np.asarray(obs[key]["codes"][:])
                 self.categories[key] = [str(c) for c in obs[key]["categories"][:]]
-        except (KeyError, FileNotFoundError) as e:
+        except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
             raise CorpusError(f"store {self.path} is missing {e}; it is not a complete vcc-dist "
                               "store. Re-run the conversion (it resumes) or "
                               "`python jobs/validate_corpus.py`.") from e
@@ -249,8 +264,10 @@ class StoreReader:
         return runs, offs, int(run_elems.sum())
 
     def read_into(self, runs: np.ndarray, data: np.ndarray, indices: np.ndarray) -> None:
-        """Decode the runs' values straight into ``data``/``indices`` (consecutive, no copy)."""
+        """Decode the runs' values straight into ``data``/``indices`` (consecutive, no copy).
+        A remote store reads up to ``storage.concurrency()`` slices at once."""
         ip = self.indptr
+        jobs = []
         pos = 0
         for a, b in runs:
             ea, eb = int(ip[a]), int(ip[b])
@@ -258,12 +275,35 @@ class StoreReader:
                 continue
             n = eb - ea
             for arr, buf in ((self._data, data), (self._indices, indices)):
-                dst = buf[pos:pos + n]
-                if arr.dtype == buf.dtype:
-                    arr.get_basic_selection(slice(ea, eb), out=NDBuffer.from_numpy_array(dst))
-                else:  # stores of one corpus with different dtypes
-                    dst[:] = arr[ea:eb]
+                jobs.append((arr, ea, eb, buf[pos:pos + n]))
             pos += n
+        if self.remote and len(jobs) > 1:
+            list(_remote_pool().map(lambda j: _read_slice(*j), jobs))
+        else:
+            for j in jobs:
+                _read_slice(*j)
+
+
+def _read_slice(arr: zarr.Array, a: int, b: int, dst: np.ndarray) -> None:
+    """``dst[:] = arr[a:b]``, decoded straight into ``dst`` when the dtypes agree."""
+    if arr.dtype == dst.dtype:
+        arr.get_basic_selection(slice(a, b), out=NDBuffer.from_numpy_array(dst))
+    else:  # stores of one corpus with different dtypes
+        dst[:] = arr[a:b]
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _remote_pool() -> ThreadPoolExecutor:
+    """Threads that wait on object-storage reads (zarr's event loop does the I/O); their number
+    bounds the slices in flight per process."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(storage.concurrency(), thread_name_prefix="vcc-s3-read")
+        return _POOL
 
 
 def _spans_to_block(data, idx, starts, lens, totals, n_cols, scale=None) -> CSRBlock:
@@ -286,7 +326,8 @@ def _spans_to_block(data, idx, starts, lens, totals, n_cols, scale=None) -> CSRB
 # ---------------------------------------------------------------------------------------------
 
 
-def _median_totals(corpus_dir: Path, manifest: CorpusManifest) -> tuple[float, list[float]]:
+def _median_totals(corpus_dir: Path | str, manifest: CorpusManifest,
+                   options: storage.S3Options | None = None) -> tuple[float, list[float]]:
     """Median ``total_counts`` over all cells of the corpus (scanpy's default target), and for
     each store the median over the cells of its source file (what cell-eval normalises that
     file to; a large file is split into several stores).
@@ -295,18 +336,19 @@ def _median_totals(corpus_dir: Path, manifest: CorpusManifest) -> tuple[float, l
     whole column is never held at once. Cached next to ``corpus.json`` (keyed by the stores'
     names and checksums) because a 10^8-cell corpus needs a full pass over obs."""
     key = json.dumps([[s.name, s.source_checksum, s.n_cells] for s in manifest.stores])
-    cache = corpus_dir / ".median_total.json"
+    cache = storage.join(corpus_dir, ".median_total.json")
     try:
-        c = json.loads(cache.read_text())
+        c = json.loads(storage.read_bytes(cache, options))
         if c.get("key") == key and len(c["store_medians"]) == len(manifest.stores):
             return float(c["median"]), [float(x) for x in c["store_medians"]]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):  # StorageError is a ValueError
         pass
     vals: dict[int, int] = {}
     by_source: dict[str, dict[int, int]] = {}
     for s in manifest.stores:
-        tot = zarr.open_array(str(store_path(corpus_dir, s.name) / "obs" / K.TOTAL_COUNTS_KEY),
-                              mode="r")[:]
+        root = zarr.open_group(storage.open_zarr_store(store_path(corpus_dir, s.name), "r",
+                                                       options), mode="r")
+        tot = root["obs"][K.TOTAL_COUNTS_KEY][:]
         u, c = np.unique(np.asarray(tot, np.int64), return_counts=True)
         src = by_source.setdefault(str(s.source), {})
         for a, b in zip(u.tolist(), c.tolist()):
@@ -322,10 +364,10 @@ def _median_totals(corpus_dir: Path, manifest: CorpusManifest) -> tuple[float, l
     med = median(vals)
     src_med = {k: median(h) for k, h in by_source.items()}
     store_medians = [src_med[str(s.source)] for s in manifest.stores]
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-    with contextlib.suppress(OSError):  # a read-only corpus just recomputes next time
-        tmp.write_text(json.dumps({"key": key, "median": med, "store_medians": store_medians}))
-        os.replace(tmp, cache)
+    # atomic (temporary file + rename, or one PUT); a read-only corpus recomputes next time
+    with contextlib.suppress(OSError, storage.StorageError):
+        storage.write_bytes(cache, json.dumps({"key": key, "median": med,
+                                               "store_medians": store_medians}).encode(), options)
     return float(med), store_medians
 
 
@@ -338,8 +380,9 @@ def _hist_median(u: np.ndarray, c: np.ndarray) -> float:
     return float((lo + hi) / 2.0)
 
 
-def _median_total(corpus_dir: Path, manifest: CorpusManifest) -> float:
-    return _median_totals(corpus_dir, manifest)[0]
+def _median_total(corpus_dir: Path | str, manifest: CorpusManifest,
+                  options: storage.S3Options | None = None) -> float:
+    return _median_totals(corpus_dir, manifest, options)[0]
 
 
 def gene_selection(manifest: CorpusManifest, genes: str | Sequence[str]) -> np.ndarray:
@@ -377,13 +420,19 @@ class CorpusReader:
     file, so predictions land in the scale the challenge scores);
     ``log1p``: natural log1p after normalising; ``normalize=False`` returns raw
     counts as float32. ``decode_threads``: threads decoding one read (None = all cores; the
-    streams use 1 per Ray task). Picklable (it reopens stores lazily in each process)."""
+    streams use 1 per Ray task). Picklable (it reopens stores lazily in each process).
+
+    ``corpus_dir``: a local directory or ``s3://bucket/prefix``; for the latter the
+    object-storage settings (``s3``, default the AWS variables at construction) travel with
+    the pickled reader, so Ray workers need no AWS variables of their own."""
 
     def __init__(self, corpus_dir: str | os.PathLike, genes: str | Sequence[str] = "all",
                  target_sum: float | None = None, normalize: bool = True, log1p: bool = True,
-                 max_open_stores: int = 8, decode_threads: int | None = None):
-        self.corpus_dir = Path(corpus_dir)
-        self.manifest = load_manifest(self.corpus_dir)
+                 max_open_stores: int = 8, decode_threads: int | None = None,
+                 s3: storage.S3Options | None = None):
+        self.corpus_dir = storage.location(corpus_dir)
+        self.s3 = (s3 or storage.S3Options.from_env()) if storage.is_remote(corpus_dir) else None
+        self.manifest = load_manifest(self.corpus_dir, options=self.s3)
         self.store_names = [s.name for s in self.manifest.stores]
         self.n_cells = np.array([int(s.n_cells or 0) for s in self.manifest.stores], np.int64)
         self.n_vocab = len(self.manifest.genes)
@@ -395,7 +444,7 @@ class CorpusReader:
         self.log1p = bool(log1p)
         self.store_targets: np.ndarray | None = None
         if target_sum == "store":
-            med, per_store = _median_totals(self.corpus_dir, self.manifest)
+            med, per_store = _median_totals(self.corpus_dir, self.manifest, self.s3)
             self.target_sum = med
             self.store_targets = np.array([m if m > 0 else med for m in per_store], np.float32)
         elif isinstance(target_sum, str) or (target_sum is not None and not target_sum > 0):
@@ -403,7 +452,7 @@ class CorpusReader:
                              "median) or 'store' (each store's median)")
         else:
             self.target_sum = (float(target_sum) if target_sum is not None
-                               else _median_total(self.corpus_dir, self.manifest))
+                               else _median_total(self.corpus_dir, self.manifest, self.s3))
         if max_open_stores < 1:
             raise ValueError("max_open_stores must be >= 1")
         self.max_open_stores = int(max_open_stores)
@@ -423,24 +472,31 @@ class CorpusReader:
     def store(self, i: int) -> StoreReader:
         """Open store ``i`` (shared by every reader of this process: Ray runs many read tasks in
         one worker process, and reopening a store costs its indptr and labels each time)."""
-        key = (str(self.corpus_dir.resolve()), self.store_names[i], self.decode_threads)
+        where = (str(self.corpus_dir.resolve()) if isinstance(self.corpus_dir, Path)
+                 else (self.corpus_dir, storage.backend()))
+        key = (where, self.store_names[i], self.decode_threads, self.s3)
         with _OPEN_LOCK:
             s = _OPEN.get(key)
             if s is not None:
                 _OPEN.move_to_end(key)
                 return s
         s = StoreReader(store_path(self.corpus_dir, self.store_names[i]), self.n_vocab,
-                        self.decode_threads)
+                        self.decode_threads, self.s3)
         with _OPEN_LOCK:
             _OPEN[key] = s
             while len(_OPEN) > max(self.max_open_stores, _OPEN_MIN):
                 _OPEN.popitem(last=False)
         return s
 
+    def open_store(self, i: int):
+        """The zarr store of store ``i`` (for ``zarr.open_group``), local or remote."""
+        return storage.open_zarr_store(store_path(self.corpus_dir, self.store_names[i]), "r",
+                                       self.s3)
+
     def groups(self, i: int) -> pd.DataFrame:
         """The store's (context, perturbation, batch) groups with row ranges [start, stop)."""
-        g = zarr.open_group(str(store_path(self.corpus_dir, self.store_names[i]) / "uns"
-                                / K.STORE_GROUPS_KEY), mode="r")
+        root = zarr.open_group(self.open_store(i), mode="r")
+        g = root["uns"][K.STORE_GROUPS_KEY]
         return pd.DataFrame({k: g[k][:] for k in (K.CONTEXT_KEY, K.PERT_KEY, K.BATCH_KEY,
                                                   "start", "stop")})
 
