@@ -90,6 +90,13 @@ def location(uri: Location) -> str | Path:
     return Path(uri)
 
 
+def resolved(uri: Location) -> str:
+    """``uri`` as an absolute location string: a remote URI as it is, a local path resolved
+    (Ray Train workers run in their own working directories)."""
+    loc = location(uri)
+    return loc if isinstance(loc, str) else str(loc.resolve())
+
+
 def join(base: Location, *parts: str) -> str | Path:
     """``base`` / ``parts``: a ``Path`` for local paths, a ``/``-joined URI for remote ones."""
     b = location(base)

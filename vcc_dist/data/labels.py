@@ -15,7 +15,6 @@ import pandas as pd
 import zarr
 
 from vcc_dist import constants as K
-from vcc_dist.data.corpus import store_path
 from vcc_dist.data.reader import LABEL_KEYS, CorpusReader
 
 
@@ -57,7 +56,7 @@ def corpus_labels(reader: CorpusReader) -> tuple[CorpusLabels, pd.DataFrame]:
     per_store_cats: list[dict[str, list[str]]] = []
     frames = []
     for i, name in enumerate(reader.store_names):
-        root = zarr.open_group(str(store_path(reader.corpus_dir, name)), mode="r")
+        root = zarr.open_group(reader.open_store(i), mode="r")  # local or s3://
         per_store_cats.append({k: [str(c) for c in root["obs"][k]["categories"][:]]
                                for k in LABEL_KEYS})
         g = reader.groups(i)

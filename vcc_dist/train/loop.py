@@ -39,6 +39,7 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from vcc_dist import storage
 from vcc_dist.checkpoint import (
     DS_DIR,
     DS_TAG,
@@ -401,13 +402,12 @@ def check_resource_plan(num_workers: int, cpus_per_worker: float, use_gpu: bool,
 
 def _check_inputs(cfg) -> None:
     """Cheap checks of the input paths before anything is written."""
-    corpus = Path(cfg.corpus)
-    if not (corpus / "corpus.json").is_file():
+    if not storage.exists(storage.join(cfg.corpus, "corpus.json")):
         raise FileNotFoundError(f"corpus {cfg.corpus!r} is not a corpus directory (no "
                                 "corpus.json); convert h5ad files with jobs/convert.py first")
     for key in ("split", "gene_table"):
         v = getattr(cfg, key, None)
-        if v and not Path(v).is_file():
+        if v and not storage.exists(v):
             raise FileNotFoundError(f"{key} file {v!r} does not exist")
 
 
@@ -434,7 +434,7 @@ def begin_run(cfg, prepare: Callable, prep_key: Callable, load_prep: Callable,
     ``prep_key(cfg)`` identifies a prep; ``load_prep(dir)`` reads one back."""
     run_dir = Path(cfg.run_dir).resolve()
     # absolute input paths: Ray Train runs each worker in its own working directory
-    paths = {k: str(Path(getattr(cfg, k)).resolve()) for k in ("corpus", "split", "gene_table")
+    paths = {k: storage.resolved(getattr(cfg, k)) for k in ("corpus", "split", "gene_table")
              if isinstance(getattr(cfg, k, None), str) and getattr(cfg, k)}
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir), **paths)
     _check_inputs(cfg)

@@ -48,6 +48,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from vcc_dist import storage
 from vcc_dist.checkpoint import SE_KIND, CheckpointMismatch, SEManifest
 from vcc_dist.config import ConfigError, build, check_ints, recipe_dict, take_derived, to_dict
 from vcc_dist.data.plans import CellPlan, CellStreamConfig
@@ -257,7 +258,7 @@ def model_config_for(cfg: SETrainConfig, n_genes: int, gene_dim: int, n_datasets
 
 def prep_key(cfg: SETrainConfig) -> dict:
     """What a prep depends on (a changed key recomputes it)."""
-    return {"corpus": str(Path(cfg.corpus).resolve()),
+    return {"corpus": storage.resolved(cfg.corpus),
             "gene_table_sha256": file_sha256(cfg.gene_table), "model": to_dict(cfg.model),
             "preset": cfg.preset, "targets": cfg.targets, "data": to_dict(cfg.data),
             "val_max_cells": cfg.val_max_cells, "num_workers": cfg.num_workers,

@@ -59,6 +59,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from vcc_dist import storage
 from vcc_dist.checkpoint import (
     FEATURES,
     ST_KIND,
@@ -294,7 +295,7 @@ class Prep:
 
 def prep_key(cfg: STTrainConfig) -> dict:
     """What a prep depends on (a changed key recomputes it)."""
-    return {"corpus": str(Path(cfg.corpus).resolve()), "split": cfg.split,
+    return {"corpus": storage.resolved(cfg.corpus), "split": cfg.split,
             "features": list(cfg.features), "data": to_dict(cfg.data),
             "val": [cfg.val_role, cfg.val_max_cells, cfg.val_max_controls],
             "pb": cfg.pseudobulk_max_cells, "model": to_dict(cfg.model), "preset": cfg.preset,
