@@ -211,3 +211,11 @@ def test_manifest_versions_and_kinds(tmp_path):
     assert resolve_checkpoint(tmp_path, "latest").name == "checkpoint_c"
     with pytest.raises(ValueError, match="which="):
         resolve_checkpoint(tmp_path, "first")
+
+
+def test_run_dir_on_object_storage_is_refused_clearly():
+    with pytest.raises(ConfigError, match="run directories on object storage are not supported"):
+        st_train.st_recipe("debug", corpus="s3://bucket/corpus", run_dir="s3://bucket/runs/st")
+    # a corpus on s3:// is accepted (read through vcc_dist.storage)
+    assert st_train.st_recipe("debug", corpus="s3://bucket/corpus", run_dir="r").corpus == \
+        "s3://bucket/corpus"

@@ -93,6 +93,12 @@ class RunSection:
         missing = [k for k in ("corpus", "run_dir") if not getattr(self, k)]
         if missing:
             raise ConfigError(f"the config needs {missing} (e.g. --corpus, --run-dir)")
+        if storage.is_remote(self.run_dir):
+            # corpora are read from s3://; run directories (checkpoints, logs, the prep
+            # cache) are not written there yet
+            raise ConfigError(f"run_dir={self.run_dir!r}: run directories on object storage are "
+                              "not supported yet; use a local or shared-file-system path (the "
+                              "corpus may be on s3://)")
         check_ints(self, ("epochs", "keep_checkpoints", "log_every", "num_workers"),
                    ("max_steps", "checkpoint_every", "max_failures", "seed", "torch_threads"))
         if not (isinstance(self.cpus_per_worker, (int, float)) and self.cpus_per_worker > 0):
