@@ -1,40 +1,45 @@
 """Driver-side costs against data size (issue 16, section 5).
 
-Two families of measurements, each point in its own child process (clean peak RSS):
+Every point runs in its own child process (clean peak RSS). Times are wall seconds of one call
+without tracing; memory is the tracemalloc peak of the same call repeated with tracing on
+(numpy arrays included; skipped above ``--detail-max`` stores or files), plus the child's RSS.
 
-1. **Corpus size** (10^5, 10^6, 10^7 cells by default). One small store is converted with the
-   project's own conversion (``data_conversion.convert.convert_corpus``, serial): 10^5 cells x
-   32 genes, 4 contexts x 100 perturbations x 2 batches (800 groups), ~25% non-zero. A corpus
-   of N cells is then N / 10^5 stores that are symbolic links to that one store, with a
-   ``corpus.json`` listing them as distinct stores of distinct sources (the driver never
-   looks at the bytes of X, so this is exactly the driver-side work of a real corpus of that
-   many stores and groups). Measured: manifest bytes and load time; ``CorpusReader`` start-up
-   (cold: the median total over all cells; warm: cached); ``corpus_labels``; ``set_plan``
-   (labels + ``SetPlan``); ``SetPlan.epoch_units`` and ``CellPlan`` + ``epoch_units`` for one
-   epoch (world size 1: the plans cost the same at 64, only the trim differs); the pickled size of the plans (what travels with
-   every read task); and the JSON size of a mid-epoch checkpoint's ``consumed`` list (worst case:
-   every batch of the epoch). Time is wall time without tracing; memory is the tracemalloc
-   peak of the same call repeated with tracing on (numpy arrays included), plus the child's
-   peak RSS.
+1. **Corpus size** (``--cells``: 10^5, 10^6, 10^7). One store is converted with the project's
+   own conversion (``data_conversion.convert.convert_corpus``, serial): 10^5 cells x 32 genes,
+   4 contexts x 100 perturbations x 2 batches (800 groups), ~25% non-zero. A corpus of N cells
+   is N / 10^5 stores that are symbolic links to that store, with a ``corpus.json`` listing them
+   as distinct stores of distinct sources (the driver never reads X, so this is the driver-side
+   work of a real corpus of that many stores and groups). ``--small-stores``: the same with
+   1,000-cell stores (many small stores, scBaseCount-like). Measured: manifest bytes and load
+   time; ``CorpusReader`` start-up (cold: the median total over all cells; warm: cached);
+   ``corpus_labels``; ``set_plan`` (labels + ``SetPlan``); ``SetPlan.epoch_units``, and
+   ``CellPlan`` + ``epoch_units``, for one epoch (world size 1: the plans cost the same at 64,
+   only the trim differs, and 10^5 cells cannot fill 64 workers); the pickled size of the plans
+   (the set stream's read tasks capture the whole ``SetPlan``); and the JSON size of a
+   checkpoint's ``consumed`` list (worst case: every batch of the epoch).
 
-2. **Number of input files** (1,000, 10,000, 60,000 by default: scBaseCount's shape). One
-   tiny h5ad (10 cells x 20 genes, the corpus obs columns) is written with anndata and
-   hard-linked N times (distinct paths, same bytes: page-cache-hot I/O, so the figures are the
-   CPU cost of planning, not disk latency). Measured: ``plan_corpus`` (the conversion's whole
-   driver-side planning: input expansion, store names, opening every input's metadata and
-   perturbation column, vocabulary, fingerprints) wall time and peak memory, its breakdown by
-   function from one cProfile'd run, and one ``CorpusManifest.save`` of the planned manifest
-   with the Tahoe vocabulary size (62,710 genes), which the conversion repeats after every
+2. **Input files** (``--files``). One tiny h5ad (10 cells x 20 genes, the corpus obs columns) is
+   written with anndata and hard-linked N times (distinct paths, same bytes: page-cache-hot
+   I/O, so the figures are the CPU cost of planning, not disk latency). Measured:
+   ``plan_corpus`` (the conversion's whole driver-side planning: input expansion, store names,
+   every input's metadata and perturbation column, vocabulary, fingerprints), wall time and
+   peak memory, and its breakdown by function from one cProfile'd run. ``--wide-files``: the
+   same with 36,601-gene inputs (driver memory and time per input file). ``--names``: the store
+   naming step alone (quadratic). ``--manifests``: one save and one load of a ``corpus.json``
+   of N stores with the Tahoe vocabulary (62,710 genes); the conversion saves it after every
    finished store.
 
 Not measured here (they need a Ray run of the streams): time to first batch and read-task
 memory; see ``benchmarks/loader.py`` and benchmarks/RESULTS.md ("Read-task memory").
 
-    python benchmarks/scale.py --workdir /tmp/vcc_scale            # the full run (~15 min)
-    python benchmarks/scale.py --workdir /tmp/vcc_scale --quick    # smoke run (~1 min)
+    python benchmarks/scale.py --workdir /tmp/vcc_scale              # everything (~25 min)
+    python benchmarks/scale.py --workdir /tmp/vcc_scale --quick      # smoke run (~2 min)
+    python benchmarks/scale.py --update --cells --small-stores --files 1000 ...   # add series
+    python benchmarks/scale.py --report-only                         # redraw .md and .png
 
-Results: ``benchmarks/results/scale.json`` (raw), ``scale.md`` (tables) and ``scale.png``
-(log-log curves). Run it under ``nice`` on a shared machine; it never starts Ray.
+Results: ``benchmarks/results/scale.json`` (raw), ``scale.md`` (tables, commands, growth
+exponents) and ``scale.png`` (log-log curves). Run it under ``nice`` on a shared machine; it
+never starts Ray.
 """
 
 from __future__ import annotations
@@ -414,7 +419,9 @@ def exponent_lines(rows: list[dict], xkey: str, fitted: dict[str, float | None])
 
 def write_report(res: dict, md: Path, png: Path) -> None:
     lines = [f"# Driver-side costs against data size ({res['date']})", "",
-             f"Command: `{res['command']}`", "",
+             "Commands (the second adds its series to the first's record):", "",
+             f"    {res['command']}",
+             *[f"    {c}" for c in res.get("commands_added", [])], "",
              f"Machine: {res['machine']}. Each point runs in its own child process; times are "
              "wall seconds of one call without tracing, MB are tracemalloc peaks of the same call "
              "repeated with tracing (Python and numpy allocations).", ""]
@@ -480,7 +487,7 @@ def plot(res: dict, png: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     if res.get("corpus") or res.get("small_stores"):
-        rows = res.get("small_stores") or res["corpus"]
+        rows = res.get("corpus") or res["small_stores"]
         x = [r["cells"] for r in rows]
         ax = axes[0]
         for k in ("reader_cold_s", "corpus_labels_s", "set_plan_s", "set_epoch_units_s",
@@ -488,13 +495,12 @@ def plot(res: dict, png: Path) -> None:
             ax.loglog(x, [max(r[k], 1e-5) for r in rows], "o-", label=k)
         ax.loglog(x, [rows[0]["set_plan_s"] * xi / x[0] for xi in x], "k:", label="linear")
         if res.get("corpus") and res.get("small_stores"):
-            big = res["corpus"]
-            for k in ("set_plan_s", "set_epoch_units_s"):
-                ax.loglog([r["cells"] for r in big], [max(r[k], 1e-5) for r in big], "x--",
-                          label=f"{k} ({BASE_CELLS:,}-cell stores)")
+            small = res["small_stores"]
+            for k in ("corpus_labels_s", "reader_cold_s"):
+                ax.loglog([r["cells"] for r in small], [max(r[k], 1e-5) for r in small], "x--",
+                          label=f"{k} ({SMALL_CELLS:,}-cell stores)")
         ax.set(xlabel="cells", ylabel="seconds",
-               title=f"driver time vs corpus size ({SMALL_CELLS:,}-cell stores)"
-               if res.get("small_stores") else "driver time vs corpus size")
+               title=f"driver time vs corpus size ({BASE_CELLS:,}-cell stores)")
         ax.legend(fontsize=7)
         ax = axes[1]
         rows = res.get("corpus") or rows
@@ -518,7 +524,7 @@ def plot(res: dict, png: Path) -> None:
     if res.get("names"):
         rows = res["names"]
         ax.loglog([r["files"] for r in rows], [r["store_names_s"] for r in rows], "o-",
-                  label="_store_names s")
+                  label="store naming (convert._store_names) s")
     if res.get("manifests"):
         rows = res["manifests"]
         ax.loglog([r["stores"] for r in rows], [r["saves_during_conversion_s"] for r in rows],
@@ -541,15 +547,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workdir", default="/tmp/vcc_scale", help="synthetic data (reused)")
     ap.add_argument("--cells", type=float, nargs="*", default=[1e5, 1e6, 1e7],
                     help="corpus sizes in cells (multiples of 100,000)")
-    ap.add_argument("--files", type=int, nargs="*", default=[1_000, 10_000, 60_000],
-                    help="numbers of input files for conversion planning")
+    ap.add_argument("--files", type=int, nargs="*", default=[1_000, 3_000, 10_000],
+                    help="numbers of input files for conversion planning (60,000 takes ~10 "
+                         "min per run here; the per-file cost is linear, so it is projected)")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 1e5 and 3e5 cells, 100 and 300 files; no result files "
-                         "unless --out is given")
+                    help="smoke run: every series at two small sizes; prints the record and "
+                         "writes no result files unless --out is given")
     ap.add_argument("--out", default=None, help="JSON record (default results/scale.json)")
-    ap.add_argument("--small-stores", type=int, nargs="*", default=[100, 1_000, 10_000],
+    ap.add_argument("--small-stores", type=int, nargs="*", default=[100, 1_000],
                     help="corpora of this many 1,000-cell stores (scBaseCount-like)")
-    ap.add_argument("--names", type=int, nargs="*", default=[1_000, 3_000, 10_000, 20_000],
+    ap.add_argument("--names", type=int, nargs="*", default=[1_000, 3_000, 10_000],
                     help="numbers of input paths for the store-naming step alone")
     ap.add_argument("--manifests", type=int, nargs="*", default=[1_000, 10_000, 60_000],
                     help="numbers of stores for one manifest save/load")
@@ -561,6 +568,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--update", action="store_true",
                     help="add the series asked for to an existing --out record (pass empty "
                          "lists, e.g. `--cells --files`, for the series to keep)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the .md and .png of an existing --out record; measure nothing")
     ap.add_argument("--detail-max", type=int, default=1_000,
                     help="trace memory (and profile planning) only up to this many stores/files")
     ap.add_argument("--child-corpus", help=argparse.SUPPRESS)
@@ -593,6 +602,11 @@ def main(argv: list[str] | None = None) -> None:
         "command": command,
         "machine": f"{os.cpu_count()} CPU cores (shared), Python {sys.version.split()[0]}",
         "world_size": WORLD_SIZE, "corpus": [], "files": []}
+    if a.report_only:
+        res = json.loads(out.read_text())
+        write_report(res, out.with_suffix(".md"), out.with_suffix(".png"))
+        print(f"wrote {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+        return
     if a.update:
         if not out.exists():
             raise SystemExit(f"--update: {out} does not exist; run without --update first")

@@ -267,3 +267,19 @@ def test_set_sharding_and_errors(tiny_corpus):
         SetStreamConfig(control_strategy="nearest")
     with pytest.raises(ValueError, match="multiple of"):
         SetStreamConfig(batch_size=4, sets_per_unit=6)
+
+
+def test_set_epoch_units_hold_only_their_own_sets(tiny_corpus):
+    """Each unit carries its own set ids: an id array of every set per unit made epoch planning
+    quadratic in the corpus (2.9 GB of driver memory at 10^7 cells, benchmarks/scale.py)."""
+    sim, corpus = tiny_corpus
+    cfg = SetStreamConfig(set_size=4, batch_size=2, seed=1)
+    plan, _ = set_plan(corpus, cfg, sim.split_path)
+    units = plan.epoch_units("train", 0)
+    assert len(units) > 2
+    seen = []
+    for u in units:
+        ids = u.payload[0]
+        assert ids.size <= cfg.unit_sets and ids.base is None  # owns exactly its ids
+        seen.extend(ids.tolist())
+    assert seen == list(range(len(seen)))  # every set once, in order

@@ -374,8 +374,11 @@ class SetPlan:
         units = []
         for u in range(math.ceil(sets_g.size / U)):
             sl = slice(u * U, (u + 1) * U)
-            units.append(Unit(u, u * U // B, math.ceil(sets_g[sl].size / B),
-                              (np.arange(sets_g.size)[sl], sets_g[sl], sets_k[sl], pad[sl])))
+            # the unit's own set ids only (an arange of every set per unit made the plan
+            # quadratic in the corpus: 2.9 GB at 10^7 cells, benchmarks/results/scale.md)
+            ids = np.arange(u * U, min((u + 1) * U, sets_g.size))
+            units.append(Unit(u, u * U // B, math.ceil(ids.size / B),
+                              (ids, sets_g[sl], sets_k[sl], pad[sl])))
         return units
 
     # -- reading -------------------------------------------------------------------------------
