@@ -11,7 +11,13 @@ and through ``zarr.storage.FsspecStore`` (s3fs). Two access patterns, as the str
   perturbation, batch) group each.
 
 Reported per location and pattern: cells/s (wall) and CPU-s per 1,000 cells of this process
-(decode_threads=1, as a stream's Ray task). Loopback S3 has no network latency or bandwidth
+(decode_threads=1, as a stream's Ray task).
+
+``--streams``: then, in the same run, the Ray streams themselves (vcc_dist.data.streams: the ST
+set stream and the SE cell stream, Ray Data read tasks on a local Ray with ``--ray-cpus`` CPUs)
+over the local corpus and over its S3 copy (obstore), consumed by this driver as a trainer
+consumes its shard: cells/s over one epoch (or ``--stream-batches`` batches) after the first
+batch, and the time to that first batch. Loopback S3 has no network latency or bandwidth
 limit, so these figures are the client-side costs of each store; against a real endpoint
 latency is added per request, which the bounded concurrency of the reads hides.
 
@@ -99,6 +105,37 @@ def measure(rd: CorpusReader, batches) -> dict:
             "cpu_s_per_1k_cells": round(1e3 * cpu / cells, 4)}
 
 
+def stream_rate(corpus: str, kind: str, max_batches: int, args) -> dict:
+    """One pass of a Ray stream over ``corpus`` (an epoch, at most ``max_batches`` batches):
+    cells per second after the first batch and the time to the first batch. Set stream: cells =
+    perturbed + control cells of the sets (what a trainer reads); cell stream: cells."""
+    from vcc_dist.data.plans import CellStreamConfig, SetStreamConfig
+    from vcc_dist.data.streams import cell_stream, set_stream
+
+    if kind == "set":
+        st = set_stream(corpus, SetStreamConfig(set_size=args.set_size, batch_size=args.sets,
+                                                seed=0))
+        per_row = 2 * args.set_size
+    else:
+        st = cell_stream(corpus, CellStreamConfig(batch_size=args.batch_size,
+                                                  block_rows=args.block_rows, seed=0))
+        per_row = 1
+    t0 = time.perf_counter()
+    first, cells, n = None, 0, 0
+    for b in st.dataset.iter_batches(batch_size=st.batch_size, batch_format="numpy"):
+        rows = len(next(iter(b.values())))
+        if first is None:
+            first = time.perf_counter()
+        else:
+            cells += rows * per_row
+        n += 1
+        if n >= max_batches:
+            break
+    end = time.perf_counter()
+    return {"batches": n, "cells_after_first": cells, "first_batch_s": first - t0,
+            "cells_per_s": cells / max(end - first, 1e-9)}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", required=True, help="a converted local corpus")
@@ -109,6 +146,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--sets", type=int, default=4)
     ap.add_argument("--set-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2, help="best of this many passes")
+    ap.add_argument("--streams", action="store_true",
+                    help="also measure the Ray set and cell streams from local disk and S3")
+    ap.add_argument("--stream-batches", type=int, default=200,
+                    help="at most this many batches per stream pass (default: 200)")
+    ap.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray (default: 2)")
     args = ap.parse_args(argv)
 
     port = free_port()
@@ -134,6 +176,24 @@ def main(argv=None) -> dict:
                 runs = [measure(rd, batches) for _ in range(args.repeats)]
                 results[loc][pat] = max(runs, key=lambda r: r["cells_per_s"])
                 print(loc, pat, results[loc][pat], flush=True)
+        streams: dict = {}
+        if args.streams:
+            import ray
+
+            os.environ["VCC_DIST_S3_BACKEND"] = "obstore"
+            ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False,
+                     log_to_driver=False)
+            try:
+                ray.data.DataContext.get_current().enable_progress_bars = False
+                for kind in ("set", "cell"):
+                    for loc, where in (("local", args.corpus), ("s3-obstore", uri)):
+                        runs = [stream_rate(where, kind, args.stream_batches, args)
+                                for _ in range(args.repeats)]
+                        streams.setdefault(loc, {})[kind] = max(
+                            runs, key=lambda r: r["cells_per_s"])
+                        print("stream", loc, kind, streams[loc][kind], flush=True)
+            finally:
+                ray.shutdown()
     finally:
         moto.terminate()
         moto.wait(10)
@@ -147,6 +207,7 @@ def main(argv=None) -> dict:
         "concurrency": storage.concurrency(),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "results": results,
+        "streams": streams,
     }
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -163,6 +224,17 @@ def main(argv=None) -> dict:
             rel = r["cells_per_s"] / results["local"][pat]["cells_per_s"]
             lines.append(f"| {loc} | {pat} | {r['cells_per_s']:.0f} | "
                          f"{r['cpu_s_per_1k_cells']:.3f} | {rel:.2f}x |")
+    if streams:
+        lines += ["", f"Ray streams (local Ray, {args.ray_cpus} CPUs; the driver consumes one "
+                  f"pass of at most {args.stream_batches} batches, best of {args.repeats}; "
+                  "set stream cells = perturbed + control cells of its sets):", "",
+                  "| location | stream | cells/s | first batch s | vs local cells/s |",
+                  "|---|---|---:|---:|---:|"]
+        for loc, per in streams.items():
+            for kind, r in per.items():
+                rel = r["cells_per_s"] / streams["local"][kind]["cells_per_s"]
+                lines.append(f"| {loc} | {kind} | {r['cells_per_s']:.0f} | "
+                             f"{r['first_batch_s']:.2f} | {rel:.2f}x |")
     (outdir / "object_storage.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return out

@@ -325,6 +325,10 @@ def node_env(state: ClusterState) -> dict[str, str]:
     env.pop("RAY_ADDRESS")
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["PYTHONUNBUFFERED"] = "1"
+    # torch.distributed's gloo picks its network interface from the hostname, which every
+    # namespace shares with the machine and which resolves to 127.0.0.1: ranks on two hosts
+    # would then dial each other's loopback. Every namespace's end of its veth is eth0.
+    env["GLOO_SOCKET_IFNAME"] = "eth0"
     return env
 
 

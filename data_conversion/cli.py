@@ -8,6 +8,7 @@ import sys
 import warnings
 
 from vcc_dist import constants as K
+from vcc_dist.storage import StorageError
 
 from .convert import ConvertConfig, convert_corpus
 from .source import ConversionError, ConversionWarning
@@ -28,9 +29,20 @@ def convert_parser(p: argparse.ArgumentParser | None = None) -> argparse.Argumen
     d = ConvertConfig(inputs=("x",), out="x")
     p = p or argparse.ArgumentParser(
         prog="convert", description="Convert h5ad files into a vcc-dist corpus (chunked Zarr v3 "
-        "stores + corpus.json). Resumable: run the same command again after an interruption.")
-    p.add_argument("inputs", nargs="+", help=".h5ad files, directories of them, or globs")
-    p.add_argument("--out", required=True, help="corpus directory to create or resume")
+        "stores + corpus.json). Resumable: run the same command again after an interruption. "
+        "Inputs and output may be in S3-compatible object storage (s3://bucket/prefix), "
+        "configured by the AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION; see vcc_dist/storage.py); the bucket must "
+        "exist. There, each store is uploaded under an attempt-unique prefix "
+        "(stores/<name>~<attempt>.zarr) and corpus.json, written last in one PUT, is the "
+        "commit point: a rerun keeps the stores it lists, adopts finished unrecorded ones and "
+        "deletes abandoned prefixes (docs/design.md, section 3).")
+    p.add_argument("inputs", nargs="+", help=".h5ad files, directories of them, globs, or "
+                   "s3:// objects or prefixes holding .h5ad objects (a task downloads its input "
+                   "to a local temporary file)")
+    p.add_argument("--out", required=True, help="corpus to create or resume: a directory, or "
+                   "s3://bucket/prefix (every Ray node then needs no shared file system, only "
+                   "the AWS variables of the driver, which travel with the tasks)")
     p.add_argument("--obs-map", action="append", metavar="KEY=COLUMN",
                    help=f"take corpus obs column KEY from input column COLUMN; KEY in "
                    f"{list(K.CORPUS_OBS_KEYS)} (repeatable)")
@@ -115,8 +127,8 @@ def convert_main(argv: list[str] | None = None) -> int:
                         print(f"warning: {w.message}", file=sys.stderr)
                     else:
                         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    except ConversionError as e:  # CorruptInputError included: a message, not a traceback
-        print(f"error: {e}", file=sys.stderr)
+    except (ConversionError, StorageError) as e:  # CorruptInputError included: a message,
+        print(f"error: {e}", file=sys.stderr)  # not a traceback
         return 2
     print(f"corpus written to {a.out} ({K.CORPUS_MANIFEST}, {K.CORPUS_STORES_DIR}/)")
     print(json.dumps(m.summary, indent=1))

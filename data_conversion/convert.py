@@ -22,6 +22,18 @@ Per store (one input file, or a row range of a large one), in a Ray task:
 4. Everything is written under a hidden temporary name and renamed when complete; the store
    carries ``uns["vcc_dist"]["complete"]``. The driver records completed stores in corpus.json,
    so a killed conversion resumes where it stopped and never shows a half-written store.
+   Into object storage (``--out s3://bucket/prefix``; S3 has no rename) the store is written
+   to a local staging directory, then uploaded under an attempt-unique prefix
+   ``stores/<name>~<attempt>.zarr``, its root ``zarr.json`` (the consolidated metadata) last;
+   corpus.json, one atomic PUT, is the commit point and records that location
+   (docs/design.md §3, "Commit protocol on object storage"). Inputs may be ``s3://`` objects
+   too: planning reads their metadata through s3fs, a task downloads its input first.
+
+The driver saves corpus.json at most once every ``manifest_save_interval_s`` seconds and never
+spends more than ``manifest_save_fraction`` of its time saving (``ManifestSaver``): a save
+writes the whole manifest, so saving after every one of S stores was O(S^2) (benchmarks/
+results/scale.md). A store finished but not yet recorded when a run is killed is adopted on
+resume when it carries its completion mark, else converted again.
 
 Memory per task: the read budget, one shard per array, and O(cells in the store) for labels
 and indptr (~60 bytes a cell; capped by ``max_cells_per_store``). It does not grow with the
@@ -36,6 +48,9 @@ import os
 import re
 import resource
 import shutil
+import socket
+import sys
+import tempfile
 import time
 import uuid
 import warnings
@@ -50,6 +65,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from vcc_dist import constants as K
+from vcc_dist import storage
 from vcc_dist.data.corpus import (CorpusManifest, GeneAccumulator, StoreEntry, load_manifest,
                                   store_path)
 
@@ -60,6 +76,10 @@ from .vocab import GeneSpace, build_vocabulary
 
 #: obs columns of a corpus store and whether an input must have them (after --obs-map/--obs-fill)
 OBS_KEYS = K.CORPUS_OBS_KEYS
+#: the attempt part of a store written into object storage: ``stores/<name>~<attempt>.zarr``
+#: (store names never contain "~": ``_store_names`` keeps [A-Za-z0-9_.-])
+ATTEMPT_SEP = "~"
+ATTEMPT_RE = re.compile(r"[0-9a-f]{12}\.zarr")
 
 
 @dataclass(frozen=True)
@@ -97,6 +117,13 @@ class ConvertConfig:
     full_checksum: bool = False
     parallel: str = "ray"  # ray | serial
     num_cpus_per_task: float = 1.0
+    #: Ray retries of a store task whose worker or node died (a ConversionError is not retried)
+    task_retries: int = 2
+    #: corpus.json is saved at most this often while converting (and when the tasks end) ...
+    manifest_save_interval_s: float = 1.0
+    #: ... and at most this fraction of the driver's time goes to saving it (a save costs
+    #: O(stores)): saves stay linear in the number of stores overall
+    manifest_save_fraction: float = 0.05
     overwrite: bool = False
     progress: bool = True
 
@@ -120,10 +147,17 @@ class ConvertConfig:
             "shard_mb": self.shard_mb >= 1,
             "n_top_genes": self.n_top_genes >= 1,
             "min_gene_coverage": 0.0 <= self.min_gene_coverage <= 1.0,
+            "task_retries": self.task_retries >= 0,
+            "manifest_save_interval_s": self.manifest_save_interval_s >= 0,
+            "manifest_save_fraction": 0 < self.manifest_save_fraction <= 1,
         }
         for key, ok in checks.items():
             if not ok:
                 raise ConversionError(f"invalid conversion option {key}={getattr(self, key)!r}")
+        try:
+            storage.location(self.out)
+        except storage.StorageError as e:
+            raise ConversionError(f"output {self.out!r}: {e}") from None
 
     def stored_options(self) -> dict[str, Any]:
         keys = ("obs_map", "obs_fill", "control_label", "matrix", "symbol_column",
@@ -140,12 +174,38 @@ class ConvertConfig:
 # ---------------------------------------------------------------------------------------------
 
 
+def _expand_remote(item: str) -> list[str]:
+    """An ``s3://`` input: one ``.h5ad`` object, or a prefix whose ``.h5ad`` objects are taken."""
+    try:
+        uri = str(storage.location(item))
+    except storage.StorageError as e:
+        raise ConversionError(f"input {item!r}: {e}") from None
+    if any(c in uri for c in "*?["):
+        raise ConversionError(f"input pattern {item!r}: patterns are not supported for s3:// "
+                              "inputs; name the objects, or a prefix holding them")
+    if uri.endswith(".h5ad"):
+        if not storage.exists(uri):
+            raise ConversionError(f"input {item} does not exist")
+        return [uri]
+    try:
+        found = [f"{uri}/{n}" for n in storage.listdir(uri) if n.endswith(".h5ad")]
+    except FileNotFoundError:
+        found = []
+    if not found:
+        raise ConversionError(f"input {item} is neither an .h5ad object nor a prefix holding "
+                              ".h5ad objects")
+    return found
+
+
 def expand_inputs(inputs: tuple[str, ...] | list[str]) -> list[str]:
-    """Files, directories (their *.h5ad) and globs -> sorted unique absolute paths."""
+    """Files, directories (their *.h5ad), globs and ``s3://`` objects or prefixes -> sorted
+    unique absolute paths (URIs as they are)."""
     out: list[str] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
+        if storage.is_remote(item):
+            out += _expand_remote(item)
+        elif p.is_dir():
             found = sorted(str(q) for q in p.glob("*.h5ad"))
             if not found:
                 raise ConversionError(f"input directory {item} contains no .h5ad files")
@@ -159,7 +219,7 @@ def expand_inputs(inputs: tuple[str, ...] | list[str]) -> list[str]:
             if not p.exists():
                 raise ConversionError(f"input {item} does not exist")
             out.append(str(p))
-    out = [os.path.abspath(x) for x in out]
+    out = [x if storage.is_remote(x) else os.path.abspath(x) for x in out]
     return list(dict.fromkeys(out))
 
 
@@ -530,9 +590,24 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def writer_provenance() -> dict[str, Any]:
+    """Who is writing: the Ray node id and IP when running in Ray (None otherwise), host, pid."""
+    ray = sys.modules.get("ray")  # never imported just for this: serial runs stay Ray-free
+    node_id = node_ip = None
+    if ray is not None and ray.is_initialized():
+        node_id = ray.get_runtime_context().get_node_id()
+        node_ip = ray.util.get_node_ip_address()
+    return {"node_id": node_id, "node_ip": node_ip, "host": socket.gethostname(),
+            "pid": os.getpid()}
+
+
 def convert_store(task: StoreTask, cfg: ConvertConfig, corpus_dir: str, genes: list[str],
-                  gene_ids: list[str | None], vocab_hash: str, progress=None) -> dict[str, Any]:
-    """Convert one store; returns its summary. Runs in a Ray task (or in-process)."""
+                  gene_ids: list[str | None], vocab_hash: str, progress=None,
+                  s3: storage.S3Options | None = None) -> dict[str, Any]:
+    """Convert one store; returns its summary (with ``location``: where it was written
+    relative to the corpus, None for the default ``stores/<name>.zarr``, and ``provenance``).
+    Runs in a Ray task (or in-process). ``corpus_dir`` may be ``s3://bucket/prefix`` and the
+    input an ``s3://`` object (``s3``: object-storage settings, default the AWS variables)."""
     t0 = time.perf_counter()
     rss0 = _peak_rss_mb()
     e = task.entry
@@ -543,13 +618,34 @@ def convert_store(task: StoreTask, cfg: ConvertConfig, corpus_dir: str, genes: l
     G = len(genes)
     gmap = task.gene_map
     budget = cfg.read_budget_mb << 20
-    stores = Path(corpus_dir) / K.CORPUS_STORES_DIR
-    tmp = stores / f".{e.name}.zarr.tmp-{uuid.uuid4().hex[:8]}"
-    scratch_dir = stores / f".{e.name}.scratch-{uuid.uuid4().hex[:8]}"
+    remote_out = storage.is_remote(corpus_dir)
+    staging = None  # local working directory of a remote output or input
+    if remote_out or storage.is_remote(e.source):
+        staging = Path(tempfile.mkdtemp(prefix=f"vcc-convert-{e.name}-"))
+    attempt = uuid.uuid4().hex
+    if remote_out:  # written locally, then uploaded under an attempt-unique prefix
+        tmp = staging / f"{e.name}.zarr"
+        scratch_dir = staging / "scratch"
+        location = f"{K.CORPUS_STORES_DIR}/{e.name}{ATTEMPT_SEP}{attempt[:12]}.zarr"
+    else:
+        stores = Path(corpus_dir) / K.CORPUS_STORES_DIR
+        tmp = stores / f".{e.name}.zarr.tmp-{attempt[:8]}"
+        scratch_dir = stores / f".{e.name}.scratch-{attempt[8:16]}"
+        location = None
+    uploading = None
     scratch = None
     stack = contextlib.ExitStack()
     try:
-        with H5adSource(e.source, cfg.matrix, cfg.symbol_column, cfg.gene_id_column) as src:
+        src_path = e.source
+        if storage.is_remote(e.source):  # conversion reads sequentially and by row: a local copy
+            src_path = str(staging / "input.h5ad")
+            storage.download_file(e.source, src_path, s3)
+            if file_fingerprint(src_path, full=cfg.full_checksum) != (e.source_size,
+                                                                      e.source_checksum):
+                raise ConversionError(f"{e.source} changed since planning (size/checksum "
+                                      "differ); run the conversion again.")
+        with H5adSource(src_path, cfg.matrix, cfg.symbol_column, cfg.gene_id_column) as src:
+            src.path = e.source  # messages name the input, not its local copy
             if src.n_obs < b:
                 raise ConversionError(f"{e.source} has {src.n_obs} cells; expected >= {b}. "
                                       "The file changed since planning; run again.")
@@ -720,13 +816,22 @@ def convert_store(task: StoreTask, cfg: ConvertConfig, corpus_dir: str, genes: l
                 write_elem(root["uns"], "vcc_dist_conditions", conds)
                 write_elem(root["uns"], K.STORE_UNS_KEY, meta)
                 zarr.consolidate_metadata(str(tmp))
-        final = store_path(corpus_dir, e.name)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)  # the commit point
-        return {"name": e.name, "n_cells": n, "nnz": nnz, "seconds": time.perf_counter() - t0,
+        if remote_out:
+            # no rename on S3: the root zarr.json (consolidated metadata) goes last, so a
+            # partial upload never opens; corpus.json listing ``location`` is the commit point
+            uploading = storage.join(corpus_dir, *location.split("/"))
+            storage.upload_dir_last(tmp, uploading, "zarr.json", s3)
+            uploading = None
+        else:
+            final = store_path(corpus_dir, e.name)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)  # the commit point
+        seconds = time.perf_counter() - t0
+        return {"name": e.name, "n_cells": n, "nnz": nnz, "seconds": seconds,
                 "peak_rss_mb": _peak_rss_mb(), "peak_rss_mb_at_start": rss0,
-                "layout": layout.to_dict(), "bucketed": bool(bucketed)}
+                "layout": layout.to_dict(), "bucketed": bool(bucketed), "location": location,
+                "provenance": {**writer_provenance(), "seconds": round(seconds, 3)}}
     except (OSError, KeyError) as err:  # h5py's errors for damaged files
         raise ConversionError(
             f"{e.source}: reading failed during conversion of store {e.name} ({type(err).__name__}: "
@@ -738,6 +843,11 @@ def convert_store(task: StoreTask, cfg: ConvertConfig, corpus_dir: str, genes: l
             scratch.f.close()
         shutil.rmtree(scratch_dir, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if uploading is not None:  # a failed upload: remove what reached the object store
+            with contextlib.suppress(Exception):
+                storage.delete_tree(uploading, s3)
 
 
 _SEG_DATA = (np.uint16, np.uint32, np.float64)
@@ -897,14 +1007,24 @@ class _PseudobulkWriter:
 # ---------------------------------------------------------------------------------------------
 
 
-def _store_is_complete(path: Path, entry: StoreEntry, vocab_hash: str) -> bool:
+def _open_store(path: Path | str, s3: storage.S3Options | None = None):
+    """A finished store's root group, read through its consolidated metadata: written last
+    (locally before the rename; on S3 the root zarr.json is uploaded last), so a store that
+    opens this way was written completely."""
     import zarr
 
-    try:
-        root = zarr.open_group(str(path), mode="r")
-        from anndata.io import read_elem
+    return zarr.open_group(storage.open_zarr_store(path, "r", s3), mode="r",
+                           use_consolidated=True)
 
-        meta = read_elem(root["uns"][K.STORE_UNS_KEY])
+
+def _store_is_complete(path: Path | str, entry: StoreEntry, vocab_hash: str,
+                       s3: storage.S3Options | None = None) -> bool:
+    """Whether the store at ``path`` carries its completion mark and was made from ``entry``'s
+    source rows with this vocabulary."""
+    from anndata.io import read_elem
+
+    try:
+        meta = read_elem(_open_store(path, s3)["uns"][K.STORE_UNS_KEY])
     except Exception:  # noqa: BLE001 - anything unreadable is by definition not complete
         return False
     return (bool(meta.get("complete")) and meta.get("vocab_hash") == vocab_hash
@@ -942,11 +1062,15 @@ def _reconcile(existing: CorpusManifest | None, planned: CorpusManifest, corpus:
                     f"input {s.source} changed since store {s.name} was written. Fix: "
                     "--overwrite to rebuild the corpus, or restore the original file.")
             s.status, s.n_cells, s.nnz = o.status, o.n_cells, o.nnz
+            s.location, s.provenance = o.location, o.provenance
     return planned
 
 
 def convert_corpus(cfg: ConvertConfig) -> CorpusManifest:
-    """Convert inputs into a corpus at ``cfg.out``; resumes an interrupted run."""
+    """Convert inputs into a corpus at ``cfg.out`` (a directory or ``s3://bucket/prefix``);
+    resumes an interrupted run."""
+    if storage.is_remote(cfg.out):
+        return _convert_remote_corpus(cfg)
     corpus = Path(cfg.out)
     manifest, tasks = plan_corpus(cfg)
     print("\n".join(gene_coverage_lines(manifest)), flush=True)
@@ -971,51 +1095,158 @@ def convert_corpus(cfg: ConvertConfig) -> CorpusManifest:
                 _adopt(t.entry, path)
             else:
                 shutil.rmtree(path)
+    return _convert_pending(manifest, tasks, corpus, cfg, None)
+
+
+def _convert_pending(manifest: CorpusManifest, tasks: list[StoreTask], corpus: Path | str,
+                     cfg: ConvertConfig, s3: storage.S3Options | None) -> CorpusManifest:
+    """Record the plan (status converting), convert the stores not yet complete, finalize."""
     manifest.status = "converting"
     manifest.save(corpus)
     pending = [t for t in tasks if t.entry.status != "complete"]
     total_cells = sum(t.entry.source_rows[1] - t.entry.source_rows[0] for t in pending)
-    _run_tasks(pending, cfg, manifest, corpus, total_cells)
-    _finalize(manifest, corpus, cfg)
+    _run_tasks(pending, cfg, manifest, corpus, total_cells, s3)
+    _finalize(manifest, corpus, cfg, s3)
     return manifest
 
 
-def _adopt(entry: StoreEntry, path: Path) -> None:
-    import zarr
+def _listing(uri: str, s3: storage.S3Options | None) -> list[str]:
+    """Names under ``uri``, listed afresh (another process may have written); none: []."""
+    try:
+        return storage.listdir(uri, s3)
+    except FileNotFoundError:
+        return []
+
+
+def _convert_remote_corpus(cfg: ConvertConfig) -> CorpusManifest:
+    """convert_corpus into object storage (docs/design.md §3, "Commit protocol on object
+    storage"): resume from corpus.json, adopt stores finished but not yet recorded, delete
+    abandoned attempt prefixes, convert the rest."""
+    corpus = str(storage.location(cfg.out))
+    s3 = storage.S3Options.from_env()  # captured once; shipped to the tasks
+    if not storage.bucket_exists(corpus, s3):
+        bucket = storage.split_s3(corpus)[0]
+        raise ConversionError(
+            f"output {cfg.out}: bucket {bucket!r} does not exist ({s3.describe()}). Fix: create "
+            "the bucket, correct the URI, or set AWS_ENDPOINT_URL to the object store that "
+            "holds it.")
+    manifest, tasks = plan_corpus(cfg)
+    print("\n".join(gene_coverage_lines(manifest)), flush=True)
+    if cfg.overwrite:
+        storage.delete_tree(corpus, s3)
+    existing = None
+    if K.CORPUS_MANIFEST in _listing(corpus, s3):
+        existing = load_manifest(corpus, require_complete=False, options=s3)
+    names = _listing(str(storage.join(corpus, K.CORPUS_STORES_DIR)), s3)
+    if existing is None and names:
+        raise ConversionError(f"{corpus} holds stores but no {K.CORPUS_MANIFEST}; it is not a "
+                              "corpus of this tool. Use an empty prefix or --overwrite.")
+    manifest = _reconcile(existing, manifest, corpus, cfg)
+    listed = {t.entry.relpath for t in tasks if t.entry.status == "complete"}
+    attempts: dict[str, list[str]] = {}  # store name -> its unlisted attempt prefixes
+    for n in names:
+        base, sep, rest = n.rpartition(ATTEMPT_SEP)
+        rel = f"{K.CORPUS_STORES_DIR}/{n}"
+        if sep and ATTEMPT_RE.fullmatch(rest) and rel not in listed:
+            attempts.setdefault(base, []).append(rel)
+    # an attempt finished but not yet recorded when the run was killed: adopt it if it carries
+    # its completion mark; every other unlisted attempt is abandoned: delete it
+    for t in tasks:
+        if t.entry.status == "complete":
+            continue  # its other attempts, if any, are deleted below
+        for rel in sorted(attempts.pop(t.entry.name, [])):
+            path = storage.join(corpus, *rel.split("/"))
+            if t.entry.status != "complete" and _store_is_complete(path, t.entry,
+                                                                   manifest.vocab_hash, s3):
+                _adopt(t.entry, path, s3)
+                t.entry.location = rel
+            else:
+                storage.delete_tree(path, s3)
+    for rels in attempts.values():
+        for rel in rels:
+            storage.delete_tree(storage.join(corpus, *rel.split("/")), s3)
+    return _convert_pending(manifest, tasks, corpus, cfg, s3)
+
+
+def _adopt(entry: StoreEntry, path: Path | str, s3: storage.S3Options | None = None) -> None:
     from anndata.io import read_elem
 
-    meta = read_elem(zarr.open_group(str(path), mode="r")["uns"][K.STORE_UNS_KEY])
+    meta = read_elem(_open_store(path, s3)["uns"][K.STORE_UNS_KEY])
     entry.status, entry.n_cells, entry.nnz = "complete", int(meta["n_cells"]), int(meta["nnz"])
+    entry.provenance = {"adopted": True}  # written by a run killed before recording it
+
+
+class ManifestSaver:
+    """Saves corpus.json while stores finish, bounded: at most once every ``interval_s``
+    seconds, and only when the last save took at most ``fraction`` of the time since (a save
+    writes the whole manifest, O(stores): one save per finished store made a conversion
+    O(stores^2), 108 h projected at 60,000 stores in benchmarks/results/scale.md). Saving
+    thus takes at most about ``fraction`` of the driver's time, linear in the stores overall.
+    Stores finished since the last save are recorded by ``flush`` (called when the tasks end,
+    also on failure); after a hard kill they are adopted on resume (``_convert_remote_corpus``,
+    and ``convert_corpus`` for a local corpus) when they carry their completion mark."""
+
+    def __init__(self, manifest: CorpusManifest, corpus: Path | str, interval_s: float = 1.0,
+                 fraction: float = 0.05, clock=time.monotonic):
+        self.manifest, self.corpus = manifest, corpus
+        self.interval_s, self.fraction, self.clock = interval_s, fraction, clock
+        self.unsaved = 0  # stores finished since the last save
+        self.saves = 0
+        self.last_end = clock()
+        self.last_cost = 0.0
+
+    def store_done(self) -> None:
+        self.unsaved += 1
+        wait = max(self.interval_s, self.last_cost / self.fraction)
+        if self.clock() - self.last_end >= wait:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.unsaved:
+            return
+        t0 = self.clock()
+        self.manifest.save(self.corpus)  # the driver is the only writer of corpus.json
+        self.last_end = self.clock()
+        self.last_cost = self.last_end - t0
+        self.unsaved = 0
+        self.saves += 1
 
 
 def _run_tasks(pending: list[StoreTask], cfg: ConvertConfig, manifest: CorpusManifest,
-               corpus: Path, total_cells: int) -> None:
+               corpus: Path | str, total_cells: int, s3: storage.S3Options | None = None) -> None:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_cells, unit="cells", desc="convert", disable=not cfg.progress,
                dynamic_ncols=True)
+    saver = ManifestSaver(manifest, corpus, cfg.manifest_save_interval_s,
+                          cfg.manifest_save_fraction)
 
     def done(t: StoreTask, r: dict) -> None:
         t.entry.status, t.entry.n_cells, t.entry.nnz = "complete", r["n_cells"], r["nnz"]
-        manifest.save(corpus)  # the driver is the only writer of corpus.json
+        t.entry.location, t.entry.provenance = r["location"], r["provenance"]
+        saver.store_done()
         bar.update(r["n_cells"])
+        where = r["provenance"].get("node_ip") or r["provenance"]["host"]
         bar.write(f"  store {r['name']}: {r['n_cells']} cells in {r['seconds']:.1f}s "
-                  f"(peak RSS {r['peak_rss_mb']:.0f} MB)")
+                  f"on {where} (peak RSS {r['peak_rss_mb']:.0f} MB)")
 
     args = (str(corpus), manifest.genes, manifest.gene_ids, manifest.vocab_hash)
     try:
         if cfg.parallel == "serial" or not pending:
             for t in pending:
-                done(t, convert_store(t, cfg, *args))
+                done(t, convert_store(t, cfg, *args, s3=s3))
         else:
             import ray
 
             from vcc_dist.ray_utils import ensure_ray
 
             ensure_ray()
-            remote = ray.remote(num_cpus=cfg.num_cpus_per_task, max_retries=0)(_convert_remote)
+            # SPREAD: stores go to every node, not packed onto the driver's; retries cover a
+            # lost worker or node (each attempt writes its own files: safe to repeat)
+            remote = ray.remote(num_cpus=cfg.num_cpus_per_task, max_retries=cfg.task_retries,
+                                scheduling_strategy="SPREAD")(_convert_remote)
             cfg_ref = ray.put(cfg)
-            refs = {remote.remote(t, cfg_ref, *args): t for t in pending}
+            refs = {remote.remote(t, cfg_ref, *args, s3): t for t in pending}
             while refs:
                 ready, _ = ray.wait(list(refs), num_returns=1)
                 for ref in ready:
@@ -1031,15 +1262,16 @@ def _run_tasks(pending: list[StoreTask], cfg: ConvertConfig, manifest: CorpusMan
                             raise type(cause)(str(cause)) from None
                         raise
     finally:
+        saver.flush()
         bar.close()
 
 
-def _convert_remote(task, cfg, corpus, genes, gene_ids, vocab_hash):
-    return convert_store(task, cfg, corpus, genes, gene_ids, vocab_hash)
+def _convert_remote(task, cfg, corpus, genes, gene_ids, vocab_hash, s3=None):
+    return convert_store(task, cfg, corpus, genes, gene_ids, vocab_hash, s3=s3)
 
 
-def _finalize(manifest: CorpusManifest, corpus: Path, cfg: ConvertConfig) -> None:
-    import zarr
+def _finalize(manifest: CorpusManifest, corpus: Path | str, cfg: ConvertConfig,
+              s3: storage.S3Options | None = None) -> None:
     from anndata.io import read_elem
 
     acc = GeneAccumulator(n_genes=len(manifest.genes))
@@ -1049,7 +1281,7 @@ def _finalize(manifest: CorpusManifest, corpus: Path, cfg: ConvertConfig) -> Non
     n_controls = 0
     cells_per_cond: list[int] = []
     for s in manifest.stores:
-        root = zarr.open_group(str(store_path(corpus, s.name)), mode="r")
+        root = _open_store(store_path(corpus, s), s3)
         meta = read_elem(root["uns"][K.STORE_UNS_KEY])
         acc.merge(GeneAccumulator.from_arrays(meta["gene_accumulator"]))
         conds = read_elem(root["uns"]["vcc_dist_conditions"])

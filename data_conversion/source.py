@@ -16,12 +16,13 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from vcc_dist import storage
 
 
 class ConversionError(ValueError):
@@ -48,18 +49,21 @@ GENE_ID_CANDIDATES = ("gene_id", "gene_ids", "ensembl_id", "gene_ensembl_id", "f
 
 
 def file_fingerprint(path: str | os.PathLike, full: bool = False, n_samples: int = 64,
-                     sample_bytes: int = 1 << 16) -> tuple[int, str]:
-    """(size, checksum) of a file.
+                     sample_bytes: int = 1 << 16,
+                     options: storage.S3Options | None = None) -> tuple[int, str]:
+    """(size, checksum) of a file, local or in object storage (``s3://``; the same bytes give
+    the same checksum).
 
     The default "sampled" checksum hashes the size and 64 evenly spaced 64 KiB blocks: it detects
     a replaced, truncated or rewritten input in milliseconds even for 100 GB files. ``full=True``
     hashes every byte (blake2b, ~1 GB/s).
     """
-    size = os.path.getsize(path)
+    size = storage.file_size(path, options)
     h = hashlib.blake2b(digest_size=16)
     h.update(str(size).encode())
-    with open(path, "rb") as f:
-        if full or size <= n_samples * sample_bytes:
+    sampled = not (full or size <= n_samples * sample_bytes)
+    with storage.open_read(path, options, block_size=sample_bytes if sampled else 1 << 22) as f:
+        if not sampled:
             while chunk := f.read(1 << 22):
                 h.update(chunk)
             kind = "blake2b-full"
@@ -177,14 +181,24 @@ class H5adSource:
                  symbol_column: str | None = None, gene_id_column: str | None = "auto"):
         self.path = str(path)
         self.matrix = matrix
-        if not Path(self.path).exists():
-            raise ConversionError(f"input {self.path} does not exist")
-        if os.path.getsize(self.path) == 0:
+        self._file = None  # the s3fs file object an s3:// input is read through
+        try:
+            size = storage.file_size(self.path)
+        except FileNotFoundError:
+            raise ConversionError(f"input {self.path} does not exist") from None
+        if size == 0:
             raise ConversionError(f"input {self.path} is empty (0 bytes): an interrupted download "
                                   "or export? Re-create it or remove it from the inputs.")
         try:
-            self.f = h5py.File(self.path, "r")
+            if storage.is_remote(self.path):  # metadata reads only (planning, validation): a
+                # conversion task reads a local copy (data_conversion.convert.convert_store)
+                self._file = storage.open_read(self.path)
+                self.f = h5py.File(self._file, "r")
+            else:
+                self.f = h5py.File(self.path, "r")
         except OSError as e:
+            if self._file is not None:
+                self._file.close()
             raise ConversionError(
                 f"cannot read {self.path} as an h5ad (HDF5) file: {e}. The file is corrupt or not "
                 "an h5ad; re-export it with anndata's write_h5ad or remove it from the inputs."
@@ -192,10 +206,10 @@ class H5adSource:
         try:
             self._init(symbol_column, gene_id_column)
         except ConversionError:
-            self.f.close()
+            self.close()
             raise
         except (KeyError, OSError, RuntimeError, TypeError) as e:
-            self.f.close()
+            self.close()
             raise ConversionError(
                 f"cannot read {self.path}: {type(e).__name__}: {e}. The file is truncated or not "
                 "a valid h5ad; re-export it with anndata's write_h5ad.") from None
@@ -434,6 +448,8 @@ class H5adSource:
             self.f.close()
         except Exception:  # noqa: BLE001 - closing twice or after a failed open is harmless
             pass
+        if self._file is not None:
+            self._file.close()
 
     def __enter__(self) -> H5adSource:
         return self

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
 from vcc_dist import constants as K
+from vcc_dist import storage
 from vcc_dist.data.corpus import CorpusError, load_manifest, store_path
 
 from .source import ConversionError, H5adSource, file_fingerprint
@@ -114,11 +114,12 @@ def validate_corpus(corpus_dir: str | os.PathLike, sample_rows: int = 200,
     contexts: dict[str, list[str]] = {}  # context -> stores holding it
     with_controls: set[str] = set()
     for s in m.stores:
-        p = store_path(corpus_dir, s.name)
-        if not rep.check(s.status == "complete" and p.exists(),
-                         f"store {s.name}: status {s.status!r}, present={p.exists()}"):
+        p = store_path(corpus_dir, s)
+        present = storage.exists(p)
+        if not rep.check(s.status == "complete" and present,
+                         f"store {s.name}: status {s.status!r}, present={present}"):
             continue
-        root = zarr.open_group(str(p), mode="r")
+        root = zarr.open_group(storage.open_zarr_store(p), mode="r")
         meta = read_elem(root["uns"][K.STORE_UNS_KEY])
         rep.check(bool(meta.get("complete")), f"store {s.name}: not marked complete")
         rep.check(int(meta.get("format_version", -1)) == K.CORPUS_FORMAT_VERSION,
@@ -160,12 +161,12 @@ def validate_corpus(corpus_dir: str | os.PathLike, sample_rows: int = 200,
                   f"store {s.name}: source_row is not a permutation of {s.source_rows}")
         if not check_sources:
             continue
-        if not Path(s.source).exists():
+        if not storage.exists(s.source):
             rep.notes.append(f"store {s.name}: source {s.source} not found; compared with the "
                              "manifest only")
             continue
         size, checksum = file_fingerprint(s.source, full=s.source_checksum.startswith(
-            "blake2b-full") and os.path.getsize(s.source) > 64 * 65536)
+            "blake2b-full") and storage.file_size(s.source) > 64 * 65536)
         if not rep.check((size, checksum) == (s.source_size, s.source_checksum),
                          f"store {s.name}: source {s.source} changed since conversion "
                          f"(size/checksum differ)"):
@@ -187,9 +188,9 @@ def validate_corpus(corpus_dir: str | os.PathLike, sample_rows: int = 200,
         _check_controls(rep, contexts, with_controls, m.options.get("control_label",
                                                                      K.CONTROL_LABEL))
     # the anndata contract: a store opens with plain anndata
-    if m.stores and store_path(corpus_dir, m.stores[0].name).exists():
+    if m.stores and storage.exists(store_path(corpus_dir, m.stores[0])):
         try:
-            a = ad.read_zarr(store_path(corpus_dir, m.stores[0].name))
+            a = ad.read_zarr(storage.open_zarr_store(store_path(corpus_dir, m.stores[0])))
             rep.check(a.shape[1] == G, "anndata.read_zarr gives the wrong number of genes")
         except Exception as e:  # noqa: BLE001 - any failure here is a finding to report
             rep.check(False, f"anndata.read_zarr cannot open {m.stores[0].name}: {e}")

@@ -6,6 +6,8 @@
         --corpus /shared/corpus --split /shared/split.toml --run-dir /shared/runs/tune \\
         --num-samples 32 --trial-workers 1 --gpus-per-trial 1 --wandb auto
     python jobs/train_st.py --recipe runs/tune_demo/best_recipe.json --run-dir runs/st_best
+    AWS_ENDPOINT_URL=http://minio:9000 python jobs/tune_st.py --space demo --recipe demo \\
+        --corpus s3://vcc/corpus --split s3://vcc/split.toml --run-dir s3://vcc/sweeps/demo
 
 Every trial trains ST (Ray Train + DeepSpeed, its own checkpoints in <run-dir>/trials/<id>)
 with the base recipe plus sampled values, and is scored by the overall challenge score on the
@@ -19,16 +21,20 @@ Outputs in --run-dir: trials.csv (status, validations, best score and its DES/PD
 values, run directory, error per trial), best_recipe.json (accepted by jobs/train_st.py
 --recipe), sweep.png (score by trial and against each parameter), summary.json, trials/<id>/
 (each trial's ST run) and Tune's own state (for --resume).
+
+--run-dir may be on object storage (s3://bucket/prefix/sweep; endpoint and credentials from
+AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, which every
+Ray node must also have): Tune's state, every trial's run and checkpoints and the outputs above
+are kept there and nowhere else, and --resume restores the sweep from there;
+jobs/train_st.py --recipe reads its best_recipe.json from there too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
-from pathlib import Path
 
 import _bootstrap  # noqa: F401  (first: puts the checkout on sys.path)
-from ray import tune
 
 from jobs._cli import (
     add_overrides,
@@ -42,8 +48,16 @@ from jobs._cli import (
     wandb_overrides,
 )
 from vcc_dist.config import parse_overrides
+from vcc_dist.storage import StorageError
 from vcc_dist.train.st import RECIPES, STTrainConfig
-from vcc_dist.tune.sweep import SCHEDULERS, SEARCHERS, SPACES, SweepConfig, run_sweep
+from vcc_dist.tune.sweep import (
+    SCHEDULERS,
+    SEARCHERS,
+    SPACES,
+    SweepConfig,
+    can_restore,
+    run_sweep,
+)
 
 #: SweepConfig's defaults, shown in --help
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(SweepConfig)
@@ -80,7 +94,9 @@ def parser():
                     help="split file; it must have validation perturbations (required)")
     ap.add_argument("--run-dir", metavar="DIR",
                     help="the sweep directory: trials/<id>/ hold each trial's ST run (shared "
-                         "storage on a cluster) (required)")
+                         "storage on a cluster), or s3://bucket/prefix/sweep on object "
+                         "storage (AWS_ENDPOINT_URL and the AWS credential variables, on every "
+                         "Ray node) (required)")
     ap.add_argument("--num-samples", type=int, metavar="N",
                     help=f"trials (default: {d['num_samples']})")
     ap.add_argument("--max-concurrent", type=int, metavar="N",
@@ -132,7 +148,12 @@ def main(argv=None) -> int:
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not a.resume and tune.Tuner.can_restore(str(Path(cfg.run_dir).resolve())):
+    try:
+        exists = can_restore(cfg.run_dir)
+    except (StorageError, OSError) as e:  # OSError: pyarrow's S3 errors
+        print(f"error: cannot read {cfg.run_dir}: {e}", file=sys.stderr)
+        return 2
+    if not a.resume and exists:
         print(f"error: {cfg.run_dir} already holds a sweep: pass --resume to continue it, or "
               "choose a new --run-dir", file=sys.stderr)
         return 2
@@ -149,8 +170,8 @@ def main(argv=None) -> int:
     if res.best:
         print(f"[tune_st] best trial {res.best['trial_id']}: score {res.best['best_score']:.4f} "
               f"(DES {res.best.get('DES')}, PDS {res.best.get('PDS')}, MAE {res.best.get('MAE')})")
-        print(f"[tune_st] best recipe: {res.best_recipe} -> python jobs/train_st.py --recipe "
-              f"{res.best_recipe} --run-dir <new run dir>")
+        print(f"[tune_st] best recipe: {res.best_recipe} -> python jobs/train_st.py "
+              f"--recipe {res.best_recipe} --run-dir <new run dir>")
     print(f"[tune_st] outputs in {res.run_dir}: trials.csv, sweep.png, summary.json")
     return 0 if res.best else 1
 

@@ -7,6 +7,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from tests.multihost import MULTIHOST_CPUS, cluster_fixture  # noqa: E402 - needs ROOT on sys.path
+
+#: the one multi-host cluster (network-namespace hosts: a head with 2 CPUs, two workers with 1)
+#: every multi-host test module shares; built when first requested, torn down at session end
+multihost = cluster_fixture(MULTIHOST_CPUS)
+
 
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="run tests marked slow")

@@ -26,6 +26,8 @@ import pytest
 from cluster import netns_cluster as nc
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Ray CPUs of the shared test cluster's hosts, head first (tests/conftest.py's ``multihost``)
+MULTIHOST_CPUS = (2, 1, 1)
 
 
 def require_root_and_ip() -> None:

@@ -213,9 +213,13 @@ def test_manifest_versions_and_kinds(tmp_path):
         resolve_checkpoint(tmp_path, "first")
 
 
-def test_run_dir_on_object_storage_is_refused_clearly():
-    with pytest.raises(ConfigError, match="run directories on object storage are not supported"):
-        st_train.st_recipe("debug", corpus="s3://bucket/corpus", run_dir="s3://bucket/runs/st")
-    # a corpus on s3:// is accepted (read through vcc_dist.storage)
-    assert st_train.st_recipe("debug", corpus="s3://bucket/corpus", run_dir="r").corpus == \
-        "s3://bucket/corpus"
+def test_run_dir_on_object_storage_keeps_its_uri_and_placement_is_checked():
+    cfg = st_train.st_recipe("debug", corpus="s3://bucket/corpus", run_dir="s3://bucket/runs/st")
+    # the URI stays whole (Path() would collapse "//") and names the run
+    assert cfg.run_dir == "s3://bucket/runs/st" and cfg.run_name == "st"
+    assert cfg.corpus == "s3://bucket/corpus"
+    assert cfg.placement_strategy == "PACK"
+    assert st_train.st_recipe("debug", corpus="c", run_dir="r",
+                              placement_strategy="SPREAD").placement_strategy == "SPREAD"
+    with pytest.raises(ConfigError, match="placement_strategy='spread'.*STRICT_SPREAD"):
+        st_train.st_recipe("debug", corpus="c", run_dir="r", placement_strategy="spread")

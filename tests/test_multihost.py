@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 
 from cluster import netns_cluster as nc
-from tests.multihost import MultiHost, cluster_fixture, leftovers, require_root_and_ip
+from tests.multihost import MULTIHOST_CPUS, MultiHost, leftovers, require_root_and_ip
 
 pytestmark = [pytest.mark.integration]
 
-CPUS = (2, 1, 1)
-multihost = cluster_fixture(CPUS)
+CPUS = MULTIHOST_CPUS  # the shared cluster: tests/conftest.py's ``multihost`` fixture
 
 
 def test_three_hosts_with_own_addresses_cpus_and_temp_dirs(multihost: MultiHost):

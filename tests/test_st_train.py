@@ -66,9 +66,11 @@ def test_two_worker_run_validates_checkpoints_and_logs(trained):
     assert ((val["mae"] > 0) & (val["discrimination_score_l1"] >= 0)).all()
     train = pd.read_csv(run / "metrics_train.csv")
     assert train["step"].is_monotonic_increasing and np.isfinite(train["loss"]).all()
-    # the same seed and world size give the same run: these are the losses this fixture's run
-    # gave before the config/checkpoint refactor (tests/data/debug_losses.json, recorded twice
-    # with identical results), to float32 precision
+    # the same seed and world size give the same run: these are the losses this fixture's
+    # configuration gives (tests/data/debug_losses.json), to float32 precision. Recorded once
+    # the streams' preserve_order reached Ray Train's split (before, the epochs' last batches
+    # followed read-task completion order); identical on one host and on two
+    # (tests/test_multihost_train.py)
     golden = np.array(json.loads((ROOT / "tests" / "data" / "debug_losses.json").read_text())["st"])
     assert train["step"].tolist() == golden[:, 0].astype(int).tolist()
     np.testing.assert_allclose(train["loss"].to_numpy(), golden[:, 1], rtol=1e-5)

@@ -230,3 +230,34 @@ def test_streams_from_s3_equal_local(s3_corpus, tiny_corpus):
                     np.testing.assert_array_equal(x[k], y[k], err_msg=k)
     finally:
         ray.shutdown()
+
+
+def test_recipe_split_and_gene_table_files_from_s3(s3_corpus, tiny_corpus, tmp_path):
+    """Input files other than the corpus are read from s3:// too: a recipe file (e.g. a
+    sweep's best_recipe.json), a split file and a {gene: vector} table."""
+    import torch
+
+    from vcc_dist.data.gene_tables import read_gene_table
+    from vcc_dist.data.splits import SplitError, SplitSpec
+    from vcc_dist.train.st import st_recipe
+
+    sim, _ = tiny_corpus
+    local, uri = s3_corpus
+    recipe = st_recipe("debug", corpus=uri, run_dir="r", seed=7).to_dict()
+    recipe.pop("run_dir")
+    storage.write_json(f"s3://{BUCKET}/corpora/recipes/best.json", recipe)
+    cfg = st_recipe(f"s3://{BUCKET}/corpora/recipes/best.json", run_dir=f"s3://{BUCKET}/runs/x")
+    assert cfg.seed == 7 and cfg.corpus == uri and cfg.run_dir == f"s3://{BUCKET}/runs/x"
+    storage.write_bytes(f"{uri}/split.toml", Path(sim.split_path).read_bytes())
+    a, b = SplitSpec.from_toml(f"{uri}/split.toml"), SplitSpec.from_toml(sim.split_path)
+    assert a.to_toml() == b.to_toml()
+    with pytest.raises(SplitError, match="does not exist"):
+        SplitSpec.from_toml(f"{uri}/no-split.toml")
+    table = {"G1": torch.ones(3), "G2": torch.zeros(3)}
+    torch.save(table, tmp_path / "t.pt")
+    storage.write_bytes(f"{uri}/t.pt", (tmp_path / "t.pt").read_bytes())
+    got = read_gene_table(f"{uri}/t.pt")
+    assert set(got) == {"G1", "G2"} and torch.equal(got["G1"], table["G1"])
+    assert storage.sha256(f"{uri}/t.pt") == storage.sha256(tmp_path / "t.pt")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_gene_table(f"{uri}/missing.pt")

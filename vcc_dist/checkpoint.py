@@ -22,14 +22,18 @@ config stage 3 with several workers, else 0).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vcc_dist import storage
 from vcc_dist.data.embeddings import CorpusEmbeddings
 from vcc_dist.train.engine import fp32_state_dict
 
@@ -164,25 +168,37 @@ def manifest_from_dict(d: dict[str, Any], where: str = "manifest") -> Manifest:
     return cls(**kw)
 
 
-def read_manifest(checkpoint: str | os.PathLike) -> Manifest:
-    """The typed manifest of a checkpoint directory."""
-    p = Path(checkpoint) / MANIFEST
-    if not p.is_file():
-        raise CheckpointError(f"{checkpoint} is not a checkpoint (no {MANIFEST})")
-    return manifest_from_dict(json.loads(p.read_text()), str(p))
+def read_manifest(checkpoint: storage.Location) -> Manifest:
+    """The typed manifest of a checkpoint directory (local or ``s3://``)."""
+    p = storage.join(checkpoint, MANIFEST)
+    try:
+        raw = storage.read_bytes(p)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise CheckpointError(f"{checkpoint} is not a checkpoint (no {MANIFEST})") from None
+    return manifest_from_dict(json.loads(raw), str(p))
 
 
-def is_checkpoint(path: str | os.PathLike) -> bool:
+def is_checkpoint(path: storage.Location) -> bool:
+    if storage.is_remote(path):
+        return storage.exists(storage.join(path, MANIFEST))
     return (Path(path) / MANIFEST).is_file()
 
 
-def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """A run directory's complete checkpoints (a manifest is written last), oldest first."""
+def checkpoints(run_dir: storage.Location) -> list[Path | str]:
+    """A run directory's complete checkpoints (a manifest is written last), oldest first:
+    Paths for a local run directory, ``s3://`` URIs for a remote one."""
+    if storage.is_remote(run_dir):
+        try:
+            names = [n for n in storage.listdir(run_dir) if n.startswith("checkpoint_")]
+        except FileNotFoundError:
+            return []
+        found: list[Path | str] = [storage.join(run_dir, n) for n in names]
+        return [c for c in found if is_checkpoint(c)]
     return sorted((p for p in Path(run_dir).glob("checkpoint_*") if is_checkpoint(p)),
                   key=lambda p: p.name)
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+def latest_checkpoint(run_dir: storage.Location) -> Path | str | None:
     """The newest complete checkpoint of a run directory (None if there is none)."""
     found = checkpoints(run_dir)
     return found[-1] if found else None
@@ -202,29 +218,32 @@ def ranking_score(m: Manifest) -> float:
 WHICH = ("best", "latest")
 
 
-def resolve_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:
-    """A checkpoint directory, or a run directory's ``best`` or ``latest`` checkpoint."""
+def resolve_checkpoint(path: storage.Location, which: str = "best") -> Path | str:
+    """A checkpoint directory, or a run directory's ``best`` or ``latest`` checkpoint (local
+    or ``s3://``; a remote run gives a remote checkpoint)."""
     if which not in WHICH:
         raise ValueError(f"which={which!r}: choose one of {WHICH}")
-    p = Path(path)
+    p = storage.location(path)
     if is_checkpoint(p):
         return p
-    ref = p / f"{which}_checkpoint.json"
-    if ref.is_file():
-        return Path(json.loads(ref.read_text())["path"])
+    ref = storage.join(p, f"{which}_checkpoint.json")
+    try:
+        return storage.location(storage.read_json(ref)["path"])
+    except FileNotFoundError:
+        pass
     # a run stopped before it finished (a killed job, a trial stopped early by Tune) has no
     # pointer files: pick from its complete checkpoints by their manifests
     found = checkpoints(p)
     if found:
         if which == "latest":
             return found[-1]
-        return max(found, key=lambda c: (ranking_score(read_manifest(c)), c.name))
+        return max(found, key=lambda c: (ranking_score(read_manifest(c)), storage.basename(c)))
     raise FileNotFoundError(f"{p} is neither a checkpoint (no {MANIFEST}) nor a run directory "
-                            f"with checkpoints (no {ref.name}, no checkpoint_*); pass a "
-                            "checkpoint_* directory or a run directory")
+                            f"with checkpoints (no {storage.basename(ref)}, no checkpoint_*); "
+                            "pass a checkpoint_* directory or a run directory")
 
 
-def open_checkpoint(path: str | os.PathLike, which: str, kind: str) -> tuple[Path, Manifest]:
+def open_checkpoint(path: storage.Location, which: str, kind: str) -> tuple[Path | str, Manifest]:
     """Resolve ``path`` and read its manifest, which must be of ``kind``."""
     ck = resolve_checkpoint(path, which)
     man = read_manifest(ck)
@@ -235,14 +254,44 @@ def open_checkpoint(path: str | os.PathLike, which: str, kind: str) -> tuple[Pat
     return ck, man
 
 
-def fp32_weights(ck: str | os.PathLike, manifest: Manifest) -> dict:
+def local_checkpoint(ck: storage.Location) -> Path:
+    """A local directory holding checkpoint ``ck``: ``ck`` itself, or for an ``s3://``
+    checkpoint a copy in this host's cache (``$VCC_DIST_SCRATCH``, see
+    vcc_dist.storage.scratch_dir), downloaded once and reused while its manifest is the same.
+    The copy is made in a temporary directory and renamed, so a half-downloaded checkpoint is
+    never taken for a complete one."""
+    if not storage.is_remote(ck):
+        return Path(ck)
+    dest = storage.scratch_dir(str(ck))
+    want = storage.read_bytes(storage.join(ck, MANIFEST))
+    if (dest / MANIFEST).is_file() and (dest / MANIFEST).read_bytes() == want:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.dl-", dir=dest.parent))
+    try:
+        storage.download_dir(str(ck), tmp)
+        if not (tmp / MANIFEST).is_file():
+            raise CheckpointError(f"{ck} is not a checkpoint (no {MANIFEST})")
+        if dest.exists():
+            shutil.rmtree(dest, ignore_errors=True)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process on this host won the race: use its copy
+            if not (dest / MANIFEST).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def fp32_weights(ck: storage.Location, manifest: Manifest) -> dict:
     """The full fp32 model state of a checkpoint (any ZeRO stage, any precision it was
-    trained in, any number of ranks), on CPU and without a process group."""
-    return fp32_state_dict(Path(ck) / DS_DIR, DS_TAG, manifest.zero_stage)
+    trained in, any number of ranks; local or ``s3://``), on CPU and without a process group."""
+    return fp32_state_dict(local_checkpoint(ck) / DS_DIR, DS_TAG, manifest.zero_stage)
 
 
-def st_features(ck: str | os.PathLike) -> np.ndarray:
-    return np.load(Path(ck) / FEATURES)
+def st_features(ck: storage.Location) -> np.ndarray:
+    return np.load(io.BytesIO(storage.read_bytes(storage.join(ck, FEATURES))))
 
 
 def gather_checked_embeddings(corpus: str | os.PathLike, emb: dict, st: np.ndarray,
@@ -261,7 +310,7 @@ def gather_checked_embeddings(corpus: str | os.PathLike, emb: dict, st: np.ndarr
 __all__ = ["DS_DIR", "DS_TAG", "FEATURES", "FORMAT_VERSION", "KINDS", "MANIFEST", "SE_KIND",
            "ST_KIND", "CheckpointError", "CheckpointMismatch", "Manifest", "SEManifest",
            "STManifest", "TrainerState", "checkpoints", "fp32_weights",
-           "gather_checked_embeddings", "is_checkpoint", "latest_checkpoint",
+           "gather_checked_embeddings", "is_checkpoint", "latest_checkpoint", "local_checkpoint",
            "manifest_from_dict", "open_checkpoint", "ranking_score", "read_manifest",
            "resolve_checkpoint", "st_features"]
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from vcc_dist import storage
+
 
 class ConfigError(ValueError):
     """A config value or key is wrong; the message names the dotted key and the fix."""
@@ -245,10 +247,11 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def read_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A recipe file (JSON or YAML) as a nested dict."""
-    path = Path(path)
-    text = path.read_text()
-    base = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    """A recipe file (JSON or YAML; a local path or an ``s3://`` URI) as a nested dict."""
+    path = storage.location(path)
+    text = storage.read_bytes(path).decode()
+    yaml_file = str(path).endswith((".yaml", ".yml"))
+    base = yaml.safe_load(text) if yaml_file else json.loads(text)
     if not isinstance(base, dict):
         raise ConfigError(f"recipe file {path} must hold a mapping of options")
     return base
@@ -261,7 +264,7 @@ def recipe_dict(recipe: str | os.PathLike, named: dict[str, dict], overrides: di
     top-level values (None values are ignored); checks that ``required`` keys are set."""
     if str(recipe) in named:
         base = json.loads(json.dumps(named[str(recipe)]))
-    elif Path(recipe).is_file():
+    elif storage.exists(recipe) if storage.is_remote(recipe) else Path(recipe).is_file():
         base = read_recipe_file(recipe)
     else:
         raise ConfigError(f"recipe {str(recipe)!r} is neither a named recipe {tuple(named)} "

@@ -1,8 +1,15 @@
-"""Locations of corpora: a local path or an object-storage URI (``s3://bucket/prefix``).
+"""Locations of corpora, run directories, checkpoints and input files: a local path or an
+object-storage URI (``s3://bucket/prefix``).
 
 This is the one module that knows where bytes live. Everything that takes a corpus path also
 takes ``s3://bucket/prefix``; local paths behave exactly as before (``pathlib.Path``,
 vcc_dist.fileio's atomic writes, zarr's ``LocalStore`` with the Rust codec pipeline).
+
+Run directories on object storage (vcc_dist.train.loop): Ray Train keeps the checkpoints
+there through :func:`pyarrow_filesystem` (Ray's own ``s3://`` resolution ignores
+``AWS_ENDPOINT_URL``); everything else is a whole-object PUT (:func:`write_bytes`). A process
+works in a local directory (:func:`scratch_dir`, ``$VCC_DIST_SCRATCH``) and uploads; a
+checkpoint read back is downloaded into that cache (vcc_dist.checkpoint.local_checkpoint).
 
 Object storage is configured from the standard AWS variables, read when a location is opened:
 
@@ -14,6 +21,8 @@ Object storage is configured from the standard AWS variables, read when a locati
 ``AWS_DEFAULT_REGION``     the region (``AWS_REGION`` also works); default ``us-east-1``
 ``VCC_DIST_S3_BACKEND``    ``obstore`` (default) or ``fsspec``: the zarr store used for s3
 ``VCC_DIST_S3_CONCURRENCY`` concurrent requests per read (default :data:`DEFAULT_CONCURRENCY`)
+``VCC_DIST_SCRATCH``       local working copies of remote run directories and checkpoints
+                           (default ``<system temporary directory>/vcc-dist``)
 =========================  ===================================================================
 
 or from an explicit :class:`S3Options` passed to the functions here (the documented option for
@@ -37,8 +46,11 @@ rename.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vcc_dist.fileio import atomic_write_bytes, json_default
+from vcc_dist.fileio import atomic_write_bytes, file_sha256, json_default
 
 #: URI schemes served by object storage
 REMOTE_SCHEMES = ("s3://",)
@@ -269,6 +281,17 @@ def read_json(uri: Location, options: S3Options | None = None) -> Any:
     return json.loads(read_bytes(uri, options))
 
 
+def sha256(uri: Location, options: S3Options | None = None) -> str:
+    """The SHA-256 of a file's or object's bytes, read in 1 MiB blocks."""
+    if not is_remote(uri):
+        return file_sha256(uri)
+    h = hashlib.sha256()
+    with _errors(uri, options), filesystem(uri, options).open(str(location(uri)), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_bytes(uri: Location, data: bytes, options: S3Options | None = None) -> None:
     """Atomic write: locally a temporary file renamed over the target; on S3 one PUT."""
     if not is_remote(uri):
@@ -306,6 +329,87 @@ def upload_dir(local: Location, uri: str, options: S3Options | None = None) -> N
     with _errors(uri, options):
         filesystem(uri, options).put(str(Path(local)) + "/", str(location(uri)),
                                      recursive=True)
+
+
+def download_dir(uri: str, local: Location, options: S3Options | None = None) -> Path:
+    """Copy the tree under ``uri`` into the local directory ``local`` (created); returns it.
+    A missing prefix raises FileNotFoundError."""
+    dest = Path(local)
+    dest.mkdir(parents=True, exist_ok=True)
+    if not is_remote(uri):
+        shutil.copytree(uri, dest, dirs_exist_ok=True)
+        return dest
+    with _errors(uri, options):
+        fs = filesystem(uri, options)
+        src = str(location(uri))
+        if not fs.exists(src):
+            raise FileNotFoundError(f"{uri} does not exist")
+        fs.get(src + "/", str(dest) + "/", recursive=True)
+    return dest
+
+
+def remove(uri: Location, options: S3Options | None = None) -> None:
+    """Delete a file/object or a whole tree/prefix; a missing one is not an error."""
+    if not is_remote(uri):
+        p = Path(uri)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        return
+    with _errors(uri, options):
+        fs = filesystem(uri, options)
+        src = str(location(uri))
+        if fs.exists(src):
+            fs.rm(src, recursive=True)
+
+
+def basename(uri: Location) -> str:
+    """The last component of a path or URI."""
+    return str(location(uri)).rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(uri: Location) -> str | Path:
+    """The directory/prefix holding ``uri``."""
+    loc = location(uri)
+    if isinstance(loc, Path):
+        return loc.parent
+    return loc.rsplit("/", 1)[0]
+
+
+def scratch_dir(uri: str) -> Path:
+    """The local working directory of a process for the remote location ``uri`` (a run
+    directory on s3): ``$VCC_DIST_SCRATCH/<bucket>/<key>``, default under the system's temporary
+    directory. Durable state never lives only here; it is uploaded to ``uri``."""
+    base = Path(os.environ.get("VCC_DIST_SCRATCH") or Path(tempfile.gettempdir()) / "vcc-dist")
+    bucket, key = split_s3(uri)
+    return base / bucket / key
+
+
+def pyarrow_filesystem(uri: str, options: S3Options | None = None):
+    """``(pyarrow.fs.S3FileSystem, "bucket/key")`` for ``uri``, configured like every other
+    client here: what Ray Train's ``RunConfig(storage_path=..., storage_filesystem=...)`` needs
+    to keep run directories and checkpoints on an S3-compatible store at a custom endpoint
+    (Ray's own resolution of ``s3://`` ignores ``AWS_ENDPOINT_URL``)."""
+    import pyarrow.fs  # lazy: only remote run directories need it
+
+    o = _options(options)
+    kw: dict[str, Any] = {"region": o.region}
+    if o.endpoint_url:
+        scheme, _, host = o.endpoint_url.partition("://")
+        kw.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https")
+    # keys only when given explicitly: Ray pickles this filesystem with the run's config (Tune
+    # writes it into the experiment, tuner.pkl, in the bucket). From the environment, the AWS
+    # SDK's default chain reads the same variables in every process that unpickles it
+    if options is not None and o.key_id:
+        kw.update(access_key=o.key_id, secret_key=o.secret, session_token=o.token)
+    bucket, key = split_s3(uri)
+    return pyarrow.fs.S3FileSystem(**kw), "/".join(p for p in (bucket, key) if p)
+
+
+def s3_uri(fs_path: str) -> str:
+    """``bucket/key`` (a path on a pyarrow S3 filesystem) -> ``s3://bucket/key``."""
+    return "s3://" + fs_path.lstrip("/")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,3 +462,80 @@ def open_zarr_store(uri: Location, mode: str = "r", options: S3Options | None = 
                      client_options={"allow_http": http})
     return zarr.storage.ObjectStore(s3, read_only=read_only)
 
+
+
+# --- writes for conversion ---
+# Used by data_conversion to write corpora into object storage (docs/design.md §3, "Commit
+# protocol on object storage"): inputs read from s3, stores uploaded under attempt-unique
+# prefixes with their root metadata last, abandoned prefixes deleted.
+
+
+def bucket_exists(uri: Location, options: S3Options | None = None) -> bool:
+    """Whether the bucket of ``uri`` exists (True for local paths)."""
+    if not is_remote(uri):
+        return True
+    with _errors(uri, options):
+        return bool(filesystem(uri, options).exists(split_s3(str(uri))[0]))
+
+
+def file_size(uri: Location, options: S3Options | None = None) -> int:
+    """Size in bytes of a file/object; a missing one raises FileNotFoundError."""
+    if not is_remote(uri):
+        return os.path.getsize(uri)
+    with _errors(uri, options):
+        return int(filesystem(uri, options).size(str(location(uri))))
+
+
+def read_range(uri: Location, start: int, stop: int, options: S3Options | None = None) -> bytes:
+    """Bytes ``[start, stop)`` of a file/object (one ranged GET on s3)."""
+    if not is_remote(uri):
+        with open(uri, "rb") as f:
+            f.seek(start)
+            return f.read(max(stop - start, 0))
+    with _errors(uri, options):
+        return filesystem(uri, options).cat_file(str(location(uri)), start=start, end=stop)
+
+
+def open_read(uri: Location, options: S3Options | None = None, block_size: int = 1 << 22):
+    """A read-only binary file object (seekable; h5py opens it): a local file, or an s3fs file
+    reading ``block_size`` bytes per request."""
+    if not is_remote(uri):
+        return open(uri, "rb")
+    with _errors(uri, options):
+        return filesystem(uri, options).open(str(location(uri)), "rb", block_size=block_size)
+
+
+def download_file(uri: Location, local: Location, options: S3Options | None = None) -> None:
+    """Copy one object (or local file) to the local path ``local``."""
+    if not is_remote(uri):
+        filesystem(uri).cp_file(str(location(uri)), str(local))
+        return
+    with _errors(uri, options):
+        filesystem(uri, options).get_file(str(location(uri)), str(local))
+
+
+def upload_dir_last(local: Location, uri: str, last: str,
+                    options: S3Options | None = None) -> None:
+    """Copy a local directory tree to ``uri``, its file ``last`` (a path relative to
+    ``local``) only after every other file: a reader that needs ``last`` (e.g. a zarr store's
+    root ``zarr.json``) never finds a partial tree behind it."""
+    if not is_remote(uri):
+        raise StorageError(f"upload_dir_last needs an s3:// destination, got {uri!r}")
+    root = Path(local)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p != root / last)
+    base = str(location(uri))
+    with _errors(uri, options):
+        fs = filesystem(uri, options)
+        if files:
+            fs.put([str(p) for p in files],
+                   [f"{base}/{p.relative_to(root).as_posix()}" for p in files])
+        fs.put_file(str(root / last), f"{base}/{last}")
+
+
+def delete_tree(uri: Location, options: S3Options | None = None) -> None:
+    """Delete ``uri`` and everything under it; nothing there is not an error."""
+    with _errors(uri, options):
+        try:
+            filesystem(uri, options).rm(str(location(uri)), recursive=True)
+        except FileNotFoundError:
+            pass

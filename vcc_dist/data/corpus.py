@@ -219,10 +219,16 @@ class StoreEntry:
     n_cells: int | None = None
     nnz: int | None = None
     coverage: dict[str, Any] | None = None  # gene-space mapping report
+    #: where the store lives, relative to the corpus root, when not at ``relpath``'s default
+    #: ``stores/<name>.zarr``: a store converted into object storage keeps the attempt-unique
+    #: prefix it was written under (``stores/<name>~<attempt>.zarr``; S3 has no rename)
+    location: str | None = None
+    #: who wrote the store: Ray node id and IP, host, seconds (None: not recorded)
+    provenance: dict[str, Any] | None = None
 
     @property
     def relpath(self) -> str:
-        return f"{K.CORPUS_STORES_DIR}/{self.name}.zarr"
+        return self.location or f"{K.CORPUS_STORES_DIR}/{self.name}.zarr"
 
 
 @dataclass
@@ -310,7 +316,12 @@ def load_manifest(corpus_dir: str | os.PathLike, require_complete: bool = True,
     return m
 
 
-def store_path(corpus_dir: str | os.PathLike, name: str) -> Path | str:
-    """Where store ``name`` of a corpus lives: a ``Path`` for a local corpus, an ``s3://`` URI
-    (a string) for one in object storage (open it with ``storage.open_zarr_store``)."""
-    return storage.join(corpus_dir, K.CORPUS_STORES_DIR, f"{name}.zarr")
+def store_path(corpus_dir: str | os.PathLike, store: str | StoreEntry) -> Path | str:
+    """Where a store of a corpus lives: a ``Path`` for a local corpus, an ``s3://`` URI (a
+    string) for one in object storage (open it with ``storage.open_zarr_store``).
+
+    ``store``: the store's manifest entry (the one mapping from an entry to its location: an
+    entry's ``location`` when it has one, see ``StoreEntry.location``) or a store name, which
+    means the default location ``stores/<name>.zarr`` (every local corpus's layout)."""
+    rel = store.relpath if isinstance(store, StoreEntry) else f"{K.CORPUS_STORES_DIR}/{store}.zarr"
+    return storage.join(corpus_dir, *rel.split("/"))

@@ -391,14 +391,15 @@ def _open(store: Path | str, key: str, threads: int | None = None,
 def _resolve_store(path: str | os.PathLike, store: str | None) -> Path | str:
     p = storage.location(path)
     if storage.exists(storage.join(p, K.CORPUS_MANIFEST)):
-        names = [s.name for s in load_manifest(p, require_complete=False).stores]
+        entries = {s.name: s for s in load_manifest(p, require_complete=False).stores}
+        names = list(entries)
         if store is None:
             if len(names) != 1:
                 raise EmbeddingError(f"{p} is a corpus of {len(names)} stores: pass store=<name>")
             store = names[0]
         if store not in names:
             raise EmbeddingError(f"corpus {p} has no store {store!r}")
-        return store_path(p, store)
+        return store_path(p, entries[store])
     if store is not None:
         raise EmbeddingError(f"store={store!r} given but {p} is not a corpus directory")
     return p
@@ -452,7 +453,7 @@ def embedding_status(corpus_dir: str | os.PathLike, key: str = DEFAULT_KEY,
     m = load_manifest(corpus_dir, require_complete=False, options=options)
     out: dict[str, dict[str, Any] | None] = {}
     for s in m.stores:
-        sp = store_path(corpus_dir, s.name)
+        sp = store_path(corpus_dir, s)
         meta = _read_manifest(sp, key, options)
         if meta is not None and s.n_cells is not None and int(meta["n_rows"]) != int(s.n_cells):
             meta = None
@@ -488,6 +489,7 @@ class CorpusEmbeddings:
         self.decode_threads = decode_threads
         manifest = load_manifest(self.corpus_dir, options=self.s3)
         self.store_names = [s.name for s in manifest.stores]
+        self.store_paths = [store_path(self.corpus_dir, s) for s in manifest.stores]
         status = embedding_status(self.corpus_dir, key, self.s3)
         wanted = self.store_names if stores is None else list(stores)
         unknown = [n for n in wanted if n not in status]
@@ -530,7 +532,7 @@ class CorpusEmbeddings:
         """Store ``i``'s embedding array (opened once per process)."""
         a = self._arrays.get(i)
         if a is None:
-            a, _ = _open(store_path(self.corpus_dir, self.store_names[i]), self.key,
+            a, _ = _open(self.store_paths[i], self.key,
                          self.decode_threads, self.s3)
             self._arrays[i] = a
         return a
@@ -606,7 +608,7 @@ def export_anndata(corpus_dir: str | os.PathLike, key: str, out_path: str | os.P
 
     frames = []
     for i, n in zip(ids, names):
-        root = zarr.open_group(str(store_path(corpus_dir, n)), mode="r")
+        root = zarr.open_group(str(emb.store_paths[i]), mode="r")
         obs = read_elem(root["obs"])
         obs["store"] = pd.Categorical([n] * len(obs), categories=names)
         obs["store_row"] = np.arange(len(obs), dtype=np.int64)
@@ -648,7 +650,7 @@ def export_anndata(corpus_dir: str | os.PathLike, key: str, out_path: str | os.P
                     ds[pos + a:pos + z] = np.asarray(arr[a:z], np.float32)
                 pos += arr.shape[0]
                 if with_X:
-                    x = read_elem(zarr.open_group(str(store_path(corpus_dir, n)), mode="r")["X"])
+                    x = read_elem(zarr.open_group(str(emb.store_paths[i]), mode="r")["X"])
                     x = sp.csr_matrix((x.data.astype(np.float32), x.indices.astype(np.int32),
                                        x.indptr.astype(np.int64)), shape=x.shape)
                     if "X" in f:

@@ -10,9 +10,11 @@ features (:func:`vcc_dist.infer.baselines.load_pert_features`) and the SE gene t
 
 from __future__ import annotations
 
+import io
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+from vcc_dist import storage
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -26,11 +28,13 @@ def read_gene_table(path: str | os.PathLike) -> dict[str, Tensor]:
     when torch cannot load it or its content is not such a dict."""
     import torch  # heavy: only when a table is read
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"perturbation feature file not found: {path}")
+    path = storage.location(path)  # a local path or an s3:// URI
     try:
-        table = torch.load(path, map_location="cpu", weights_only=True)
+        data = storage.read_bytes(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise FileNotFoundError(f"perturbation feature file not found: {path}") from None
+    try:
+        table = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and torch errors of a damaged or foreign file
         raise ValueError(f"{path}: cannot load it with torch.load ({type(e).__name__}: {e}); "
                          "expected a torch.save of a dict {gene: 1-D tensor}") from e

@@ -346,7 +346,7 @@ def _median_totals(corpus_dir: Path | str, manifest: CorpusManifest,
     vals: dict[int, int] = {}
     by_source: dict[str, dict[int, int]] = {}
     for s in manifest.stores:
-        root = zarr.open_group(storage.open_zarr_store(store_path(corpus_dir, s.name), "r",
+        root = zarr.open_group(storage.open_zarr_store(store_path(corpus_dir, s), "r",
                                                        options), mode="r")
         tot = root["obs"][K.TOTAL_COUNTS_KEY][:]
         u, c = np.unique(np.asarray(tot, np.int64), return_counts=True)
@@ -434,6 +434,7 @@ class CorpusReader:
         self.s3 = (s3 or storage.S3Options.from_env()) if storage.is_remote(corpus_dir) else None
         self.manifest = load_manifest(self.corpus_dir, options=self.s3)
         self.store_names = [s.name for s in self.manifest.stores]
+        self.store_paths = [store_path(self.corpus_dir, s) for s in self.manifest.stores]
         self.n_cells = np.array([int(s.n_cells or 0) for s in self.manifest.stores], np.int64)
         self.n_vocab = len(self.manifest.genes)
         self.gene_index = gene_selection(self.manifest, genes)
@@ -474,13 +475,13 @@ class CorpusReader:
         one worker process, and reopening a store costs its indptr and labels each time)."""
         where = (str(self.corpus_dir.resolve()) if isinstance(self.corpus_dir, Path)
                  else (self.corpus_dir, storage.backend()))
-        key = (where, self.store_names[i], self.decode_threads, self.s3)
+        key = (where, str(self.store_paths[i]), self.decode_threads, self.s3)
         with _OPEN_LOCK:
             s = _OPEN.get(key)
             if s is not None:
                 _OPEN.move_to_end(key)
                 return s
-        s = StoreReader(store_path(self.corpus_dir, self.store_names[i]), self.n_vocab,
+        s = StoreReader(self.store_paths[i], self.n_vocab,
                         self.decode_threads, self.s3)
         with _OPEN_LOCK:
             _OPEN[key] = s
@@ -490,8 +491,7 @@ class CorpusReader:
 
     def open_store(self, i: int):
         """The zarr store of store ``i`` (for ``zarr.open_group``), local or remote."""
-        return storage.open_zarr_store(store_path(self.corpus_dir, self.store_names[i]), "r",
-                                       self.s3)
+        return storage.open_zarr_store(self.store_paths[i], "r", self.s3)
 
     def groups(self, i: int) -> pd.DataFrame:
         """The store's (context, perturbation, batch) groups with row ranges [start, stop)."""

@@ -44,10 +44,11 @@ import tomllib
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from vcc_dist import storage
 
 TRAIN, VAL, TEST = "train", "val", "test"
 ROLES = (TRAIN, VAL, TEST)
@@ -68,10 +69,13 @@ class SplitSpec:
     # -- parsing -------------------------------------------------------------------------------
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> SplitSpec:
-        p = Path(path)
-        if not p.is_file():
-            raise SplitError(f"split file {p} does not exist")
-        return cls.loads(p.read_text(), source=str(p))
+        """Read a split file: a local path or an ``s3://`` URI (vcc_dist.storage)."""
+        p = storage.location(path)
+        try:
+            text = storage.read_bytes(p).decode()
+        except (FileNotFoundError, IsADirectoryError):
+            raise SplitError(f"split file {p} does not exist") from None
+        return cls.loads(text, source=str(p))
 
     @classmethod
     def loads(cls, text: str, source: str = "<string>") -> SplitSpec:

@@ -50,6 +50,7 @@ import pandas as pd
 import ray
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from vcc_dist import constants as K
 from vcc_dist.data.corpus import load_manifest
@@ -195,9 +196,12 @@ def _board_class():
 def position_board(name: str, position: StreamPosition | None = None):
     """Create the named actor telling a stream built with ``board=name`` which epoch to play
     next and which of its batches to skip; returns its handle. It lives as long as the
-    process that created it (the driver)."""
+    process that created it (the driver), on the driver's node (as Ray Train's controller and
+    dataset manager are), so that losing another host never loses the stream's position."""
     position = position or StreamPosition()
-    return _board_class().options(name=name, get_if_exists=False).remote(
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return _board_class().options(name=name, get_if_exists=False,
+                                  scheduling_strategy=here).remote(
         position.epoch, position.consumed)
 
 
@@ -217,8 +221,31 @@ def read_board(name: str) -> StreamPosition:
     return StreamPosition(int(epoch), consumed)
 
 
+class Shared:
+    """A large read-only object (a stream's plan, its label maps) put into Ray's object store
+    once by the driver; read tasks carry only this handle and fetch the object at most once per
+    worker process. Captured directly, the object would be serialised into every read task of
+    every epoch (up to MAX_READ_TASKS copies)."""
+
+    _cache: dict[str, Any] = {}  # this process's objects by ref id (the newest few kept)
+
+    def __init__(self, obj: Any):
+        self.ref = ray.put(obj)
+
+    def get(self) -> Any:
+        key = self.ref.hex()
+        obj = Shared._cache.get(key)
+        if obj is None:
+            obj = ray.get(self.ref)
+            if len(Shared._cache) >= 4:
+                Shared._cache.pop(next(iter(Shared._cache)))
+            Shared._cache[key] = obj
+        return obj
+
+
 def _dataset(read_units, units_for_epoch, bytes_per_batch, position, transform, n_units: int,
              board: str | None = None):
+    """(the Ray dataset, its datasource)."""
     src = _datasource_class()(read_units, units_for_epoch, bytes_per_batch, position, board)
     # one read task per unit (up to MAX_READ_TASKS): with fewer tasks than its default
     # parallelism, Ray would split every read output into more blocks and stop fusing the
@@ -234,7 +261,7 @@ def _dataset(read_units, units_for_epoch, bytes_per_batch, position, transform, 
     # default (128 MB) would split a dense ST batch (2 x 16 x 128 x 18,080 float32 = 296 MB) or
     # merge small SE batches, and either costs the consumer a copy per batch
     ds.context.target_max_block_size = max(1, int(0.8 * bytes_per_batch))
-    return ds
+    return ds, src
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,8 +270,9 @@ def _dataset(read_units, units_for_epoch, bytes_per_batch, position, transform, 
 
 
 def _read_cell_units(reader: CorpusReader, cfg: CellStreamConfig, split: str,
-                     store_maps: dict[str, list[np.ndarray]], epoch: int, units: list[Unit],
-                     skip: frozenset):
+                     shared_maps: Shared | dict, epoch: int, units: list[Unit], skip: frozenset):
+    store_maps: dict[str, list[np.ndarray]] = (shared_maps.get() if isinstance(shared_maps, Shared)
+                                               else shared_maps)
     B = cfg.batch_size
     for u in units:
         block, st, rows, steps = read_cell_unit(reader, cfg, split, epoch, u)
@@ -326,6 +354,7 @@ class Stream:
     world_size: int
     config: Any
     reader: CorpusReader
+    source: Any = None  # the Ray Datasource (its read tasks; see Shared)
 
     @property
     def batches_per_worker(self) -> int:
@@ -353,15 +382,15 @@ def cell_stream(corpus_dir: str | os.PathLike, cfg: CellStreamConfig | None = No
     if n_batches == 0:
         raise ValueError(f"the {split} cells ({plan.n_cells(split)}) do not fill one batch of "
                          f"{cfg.batch_size} per worker x {world_size} workers")
-    read = functools.partial(_read_cell_units, reader, cfg, split, labels.store_maps)
+    read = functools.partial(_read_cell_units, reader, cfg, split, Shared(labels.store_maps))
     units_for = functools.partial(plan.epoch_units, split, world_size=world_size)
     # bytes of one output batch (a transform may say its own): dense X plus ~40 bytes of labels
     # per cell. It sets the block size target, so it must be close: a batch more than 1.5x
     # the target is cut into several blocks, which streaming_split deals to different workers
     per_row = getattr(transform, "bytes_per_row", None) or reader.n_genes * 4 + 40
-    ds = _dataset(read, units_for, cfg.batch_size * per_row, position,
-                  transform or DenseCells(reader), len(units0), board)
-    return Stream(ds, genes, labels, n_batches, cfg.batch_size, world_size, cfg, reader)
+    ds, src = _dataset(read, units_for, cfg.batch_size * per_row, position,
+                       transform or DenseCells(reader), len(units0), board)
+    return Stream(ds, genes, labels, n_batches, cfg.batch_size, world_size, cfg, reader, src)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,8 +398,9 @@ def cell_stream(corpus_dir: str | os.PathLike, cfg: CellStreamConfig | None = No
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_set_units(reader: CorpusReader, plan: SetPlan, split: str, epoch: int,
+def _read_set_units(reader: CorpusReader, shared_plan: Shared | SetPlan, split: str, epoch: int,
                     units: list[Unit], skip: frozenset):
+    plan: SetPlan = shared_plan.get() if isinstance(shared_plan, Shared) else shared_plan
     B, S = plan.cfg.batch_size, plan.cfg.set_size
     for u in units:
         d = plan.read_unit(reader, split, epoch, u)
@@ -446,12 +476,15 @@ def set_stream(corpus_dir: str | os.PathLike, cfg: SetStreamConfig | None = None
                split: str | os.PathLike | SplitSpec | None = None, role: str = TRAIN,
                world_size: int = 1, position: StreamPosition | None = None,
                transform: Callable | None = None, board: str | None = None,
-               embeddings: str | None = None) -> Stream:
+               embeddings: str | None = None,
+               plan: tuple[SetPlan, CorpusReader] | None = None) -> Stream:
     """The ST set stream of a corpus: ``role`` "train", "val" or "test" sets of ``split``.
     ``board``: the name of a :func:`position_board` that says which epoch each execution
     plays (for restartable trainers); ``position`` is then ignored. ``embeddings``: an obsm
     key (e.g. "X_se") of cell embeddings stored in the corpus: each set row then also carries
-    ``ctrl_emb`` and ``pert_emb`` [S, E] (:class:`SetsWithEmbeddings`)."""
+    ``ctrl_emb`` and ``pert_emb`` [S, E] (:class:`SetsWithEmbeddings`). ``plan``: what
+    :func:`set_plan` returned for the same corpus, config and split, reused instead of built
+    again (a pass over every store's labels on the driver)."""
     if embeddings is not None and transform is not None:
         raise ValueError("pass either transform= or embeddings= (a custom transform can gather "
                          "embeddings itself with vcc_dist.data.embeddings.CorpusEmbeddings)")
@@ -459,10 +492,10 @@ def set_stream(corpus_dir: str | os.PathLike, cfg: SetStreamConfig | None = None
     position = position or StreamPosition()
     if world_size < 1:
         raise ValueError(f"world_size={world_size} must be >= 1")
-    plan, reader = set_plan(corpus_dir, cfg, split)
+    plan, reader = plan if plan is not None else set_plan(corpus_dir, cfg, split)
     units0 = plan.epoch_units(role, position.epoch, world_size)
     n_batches = sum(u.n_batches for u in units0)
-    read = functools.partial(_read_set_units, reader, plan, role)
+    read = functools.partial(_read_set_units, reader, Shared(plan), role)
     units_for = functools.partial(plan.epoch_units, role, world_size=world_size)
     # bytes of one output batch: two dense [S, G] per set plus ~40 bytes of labels per cell
     per_batch = cfg.batch_size * cfg.set_size * (2 * reader.n_genes * 4 + 40)
@@ -471,10 +504,10 @@ def set_stream(corpus_dir: str | os.PathLike, cfg: SetStreamConfig | None = None
         emb = CorpusEmbeddings(reader.corpus_dir, embeddings, decode_threads=cfg.decode_threads)
         per_batch += cfg.batch_size * cfg.set_size * 2 * emb.dim * 4
         transform = SetsWithEmbeddings(reader, cfg.set_size, emb)
-    ds = _dataset(read, units_for, per_batch, position,
-                  transform or DenseSets(reader, cfg.set_size), len(units0), board)
+    ds, src = _dataset(read, units_for, per_batch, position,
+                       transform or DenseSets(reader, cfg.set_size), len(units0), board)
     return Stream(ds, list(reader.genes), plan.labels, n_batches, cfg.batch_size, world_size,
-                  cfg, reader)
+                  cfg, reader, src)
 
 
 class SetsWithEmbeddings(DenseSets):

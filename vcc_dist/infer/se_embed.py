@@ -33,7 +33,6 @@ import torch
 from tqdm.auto import tqdm
 
 from vcc_dist.checkpoint import SE_KIND, SEManifest, fp32_weights, open_checkpoint
-from vcc_dist.data.corpus import store_path
 from vcc_dist.data.embeddings import EmbeddingWriter, embedding_status
 from vcc_dist.data.reader import CorpusReader
 from vcc_dist.data.se_tokens import SETokenizer, gene_map_for
@@ -111,7 +110,7 @@ def _embed_store(ck_path: str, which: str, corpus: str, store: int, key: str, ba
     tok = SETokenizer(loaded.model.cfg, gm, seed=0)  # one per store, not per batch
     n = int(reader.n_cells[store])
     dim = loaded.model.cfg.embed_dim if with_dataset else loaded.model.cfg.output_dim
-    w = EmbeddingWriter(store_path(corpus, reader.store_names[store]), key, n, dim,
+    w = EmbeddingWriter(reader.store_paths[store], key, n, dim,
                         meta={**loaded.identity, "with_dataset": with_dataset}, resume=True)
     start = w.next_row
     while start < n:

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from vcc_dist import storage
 from vcc_dist.constants import CONTROL_LABEL
 from vcc_dist.data.gene_tables import read_gene_table
-from vcc_dist.fileio import file_sha256
 
 __all__ = ["PerturbationFeatures", "read_gene_table"]
 
@@ -70,7 +70,7 @@ class PerturbationFeatures:
     @classmethod
     def from_file(cls, path: str | Path, perturbations: list[str]) -> PerturbationFeatures:
         """Rows from a ``{gene: vector}`` ``.pt`` file, in the order of ``perturbations``."""
-        path = Path(path)
+        path = storage.location(path)  # a local path or an s3:// URI
         names = _check_names(perturbations)
         table = read_gene_table(path)
         (dim,) = torch.as_tensor(next(iter(table.values()))).shape
@@ -86,7 +86,8 @@ class PerturbationFeatures:
             torch.as_tensor(table[n], dtype=torch.float32) if n in table else torch.zeros(dim)
             for n in names
         ]
-        return cls(torch.stack(rows), names, kind="file", source=str(path), sha256=file_sha256(path))
+        return cls(torch.stack(rows), names, kind="file", source=str(path),
+                   sha256=storage.sha256(path))
 
     @property
     def dim(self) -> int:

@@ -37,7 +37,7 @@ def condition_tables(corpus_dir: str | os.PathLike) -> tuple[pd.DataFrame, np.nd
     m = load_manifest(corpus_dir)
     frames, sums = [], []
     for s in m.stores:
-        uns = zarr.open_group(str(store_path(corpus_dir, s.name)), mode="r")["uns"]
+        uns = zarr.open_group(str(store_path(corpus_dir, s)), mode="r")["uns"]
         conds = read_elem(uns["vcc_dist_conditions"])
         pb = uns["vcc_dist_pseudobulk"][:].astype(np.float64)
         n = (conds["stop"] - conds["start"]).to_numpy()

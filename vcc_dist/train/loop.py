@@ -20,6 +20,7 @@ Checkpoints follow the contract in :mod:`vcc_dist.checkpoint` (layout, typed man
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import math
 import os
@@ -36,7 +37,7 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from vcc_dist import storage
@@ -55,12 +56,23 @@ from vcc_dist.data.streams import position_board, set_board
 from vcc_dist.fileio import atomic_json
 from vcc_dist.ray_utils import ensure_ray
 from vcc_dist.train.engine import EngineConfig, OptimConfig, load_checkpoint, save_checkpoint
-from vcc_dist.train.runlog import RunLogger, WandbConfig
+from vcc_dist.train.runlog import (
+    CSV_PATTERN,
+    CURVES_FILE,
+    SUMMARY_FILE,
+    WANDB_ID_FILE,
+    RunLogger,
+    WandbConfig,
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # the run section every trainer config shares
 # ---------------------------------------------------------------------------------------------
+
+
+#: Ray placement-group strategies for the training workers (ray.train.ScalingConfig)
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass(frozen=True)
@@ -84,6 +96,9 @@ class RunSection:
     #                                        at least one more CPU free)
     torch_threads: int = 0                 # intra-op threads per worker; 0 = Ray's (its CPUs)
     use_gpu: bool = False                  # one GPU per worker
+    placement_strategy: str = "PACK"       # the workers' placement group: PACK (fill a node
+    #                                        first), SPREAD (across nodes), STRICT_PACK,
+    #                                        STRICT_SPREAD (one worker per node, or wait)
     max_failures: int = 2                  # worker-group restarts from the latest checkpoint
     record_batches: bool = False           # workers/batches.jsonl: every (rank, epoch, step)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -93,20 +108,17 @@ class RunSection:
         missing = [k for k in ("corpus", "run_dir") if not getattr(self, k)]
         if missing:
             raise ConfigError(f"the config needs {missing} (e.g. --corpus, --run-dir)")
-        if storage.is_remote(self.run_dir):
-            # corpora are read from s3://; run directories (checkpoints, logs, the prep
-            # cache) are not written there yet
-            raise ConfigError(f"run_dir={self.run_dir!r}: run directories on object storage are "
-                              "not supported yet; use a local or shared-file-system path (the "
-                              "corpus may be on s3://)")
         check_ints(self, ("epochs", "keep_checkpoints", "log_every", "num_workers"),
                    ("max_steps", "checkpoint_every", "max_failures", "seed", "torch_threads"))
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ConfigError(f"placement_strategy={self.placement_strategy!r}: choose one of "
+                              f"{PLACEMENT_STRATEGIES}")
         if not (isinstance(self.cpus_per_worker, (int, float)) and self.cpus_per_worker > 0):
             raise ConfigError(f"cpus_per_worker={self.cpus_per_worker!r} must be > 0")
 
     @property
     def run_name(self) -> str:
-        return self.name or Path(self.run_dir).name
+        return self.name or storage.basename(self.run_dir)
 
     def check_hardware(self, engine: EngineConfig) -> None:
         """Hardware-dependent settings against what the workers get (not the driver)."""
@@ -161,11 +173,24 @@ def worker_loop(engine, batches: Callable, board: str, sched: Schedule, hooks: L
     Returns rank 0's summary (None on other ranks)."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    run_path = Path(run_dir)
+    remote = storage.is_remote(run_dir)
+    # a run directory on object storage: this process works in a local directory of its own
+    # (the hosts share no path) and uploads the logs with every checkpoint and at the end
+    run_path = Path(tempfile.mkdtemp(prefix=f"vcc-{hooks.tag}-rank{rank}-")) if remote \
+        else Path(run_dir)
+    if remote and rank == 0:
+        pull_logs(run_dir, run_path)
     workers = run_path / "workers"
     workers.mkdir(parents=True, exist_ok=True)
     # observability (and the kill-a-worker tests): each rank's process id
     (workers / f"rank{rank}.pid").write_text(str(os.getpid()))
+    # batch records: one file per process on object storage (no appends there)
+    batches_file = workers / (f"batches-rank{rank}-{os.getpid()}.jsonl" if remote
+                              else "batches.jsonl")
+
+    def push_logs() -> None:
+        if remote:
+            push_run_files(run_path, run_dir, rank, batches_file)
 
     state = {"epoch": 0, "consumed": [], "step": 0, "best_score": None}
     resumed = False
@@ -230,10 +255,11 @@ def worker_loop(engine, batches: Callable, board: str, sched: Schedule, hooks: L
                     "saved_at": time.time()})
             metrics["score"] = score
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        push_logs()
 
     def record(obj: dict) -> None:
         if sched.record_batches:
-            with open(workers / "batches.jsonl", "a") as fh:
+            with open(batches_file, "a") as fh:
                 fh.write(json.dumps({"pid": os.getpid(), "rank": rank, **obj}) + "\n")
 
     if resumed:
@@ -310,10 +336,46 @@ def worker_loop(engine, batches: Callable, board: str, sched: Schedule, hooks: L
                    wall_s=time.perf_counter() - t_start,
                    **{f"val_{k}": v for k, v in last_val.items()})
     png = logger.finish(baselines=hooks.baselines or None)
+    push_logs()
+    if remote and png is not None:
+        png = storage.join(run_dir, png.name)
+    if remote:
+        shutil.rmtree(run_path, ignore_errors=True)
     if rank == 0:
         return {"step": step, "best_val_score": state["best_score"], "last_val": last_val,
                 "curves": str(png) if png else None}
     return None
+
+
+#: the run's log files (vcc_dist.train.runlog) that follow a run directory on object storage
+LOG_FILES = (CSV_PATTERN.format(kind="*"), SUMMARY_FILE, CURVES_FILE, WANDB_ID_FILE)
+
+
+def pull_logs(run_dir: str, local: Path) -> None:
+    """Copy a remote run directory's log files into ``local`` (before a resumed rank 0's
+    logger truncates them to the resumed step)."""
+    try:
+        names = storage.listdir(run_dir)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if any(fnmatch.fnmatch(name, pat) for pat in LOG_FILES):
+            try:
+                (local / name).write_bytes(storage.read_bytes(storage.join(run_dir, name)))
+            except (FileNotFoundError, IsADirectoryError):
+                continue  # a prefix, or gone meanwhile
+
+
+def push_run_files(local: Path, run_dir: str, rank: int, batches_file: Path) -> None:
+    """Upload rank 0's log files and every rank's batch record to the remote run directory
+    (each a whole-object PUT: a reader sees the old or the new file)."""
+    if rank == 0:
+        for p in sorted(local.iterdir()):
+            if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in LOG_FILES):
+                storage.write_bytes(storage.join(run_dir, p.name), p.read_bytes())
+    if batches_file.is_file():
+        storage.write_bytes(storage.join(run_dir, "workers", batches_file.name),
+                            batches_file.read_bytes())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,45 +385,65 @@ def worker_loop(engine, batches: Callable, board: str, sched: Schedule, hooks: L
 
 @dataclass
 class FitResult:
-    best_checkpoint: Path | None
-    latest_checkpoint: Path | None
+    best_checkpoint: Path | str | None     # s3:// URIs for a run directory on object storage
+    latest_checkpoint: Path | str | None
     metrics: dict
     return_value: dict | None
 
 
-def fit(loop: Callable, loop_config: dict, *, run_dir: Path, datasets: dict, num_workers: int,
+def fit(loop: Callable, loop_config: dict, *, run_dir: Path | str, datasets: dict, num_workers: int,
         cpus_per_worker: float, use_gpu: bool, keep_checkpoints: int, max_failures: int,
-        board_actor=None, callbacks: list | None = None) -> FitResult:
+        board_actor=None, callbacks: list | None = None,
+        placement_strategy: str = "PACK") -> FitResult:
     """Run ``loop`` on a TorchTrainer (storage = ``run_dir``, so a second call with the same
     run_dir resumes from its latest checkpoint), keep the best ``keep_checkpoints`` by
     ``score`` plus the latest, and write ``best_checkpoint.json`` / ``latest_checkpoint.json``.
-    ``callbacks``: Ray Train callbacks (e.g. Tune's TuneReportCallback inside a sweep trial)."""
+    ``callbacks``: Ray Train callbacks (e.g. Tune's TuneReportCallback inside a sweep trial).
+    A run directory on ``s3://`` is Ray Train's storage through a pyarrow S3 filesystem
+    configured like every other client (vcc_dist.storage: the AWS variables)."""
+    if storage.is_remote(run_dir):
+        fs, parent = storage.pyarrow_filesystem(str(storage.parent(run_dir)))
+        where = {"storage_path": parent, "storage_filesystem": fs}
+    else:
+        where = {"storage_path": str(Path(run_dir).parent)}
     trainer = TorchTrainer(
         loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
+                                     resources_per_worker={"CPU": cpus_per_worker},
+                                     placement_strategy=placement_strategy),
         run_config=RunConfig(
-            name=run_dir.name, storage_path=str(run_dir.parent),
+            name=storage.basename(run_dir), **where,
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints,
                                                checkpoint_score_attribute="score",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=max_failures),
             callbacks=callbacks or None),
         datasets=datasets,
+        # the streams' own execution options (preserve_order above all): by default Ray Train
+        # replaces them with those of the DataContext current where it splits the datasets,
+        # which is not the driver's, so blocks reached the ranks in the order read tasks
+        # finished. With one read task at a time that was the plan's order; with several (more
+        # CPUs, more hosts) the same seed and world size gave other batches (measured: other
+        # losses on two hosts than on one)
+        dataset_config=DataConfig(execution_options={
+            name: ds.context.execution_options for name, ds in datasets.items()}),
     )
     try:
         result = trainer.fit()
     finally:
         if board_actor is not None:
             ray.kill(board_actor)
-    latest = Path(result.checkpoint.path) if result.checkpoint else None
+    def where_is(ck) -> Path | str:
+        return storage.s3_uri(ck.path) if storage.is_remote(run_dir) else Path(ck.path)
+
+    latest = where_is(result.checkpoint) if result.checkpoint else None
     best = None
     if result.best_checkpoints:
         ck, _ = max(result.best_checkpoints, key=lambda cm: cm[1].get("score", -math.inf))
-        best = Path(ck.path)
+        best = where_is(ck)
     for name, p in (("best", best), ("latest", latest)):
         if p is not None:
-            atomic_json(run_dir / f"{name}_checkpoint.json", {"path": str(p)})
+            storage.write_json(storage.join(run_dir, f"{name}_checkpoint.json"), {"path": str(p)})
     return FitResult(best, latest, dict(result.metrics or {}), result.return_value)
 
 
@@ -372,8 +454,9 @@ def new_board_name(tag: str) -> str:
 @dataclass
 class RunStart:
     cfg: Any                 # the config with run_dir resolved and epochs covering max_steps
-    run_dir: Path
-    prep: Any
+    run_dir: Path | str      # a local directory, or an s3:// URI
+    prep: Any                # loaded from a local directory (the driver's copy)
+    prep_location: str       # where the workers read the prep (``<run_dir>/prep``)
     total_steps: int
     optim: OptimConfig       # resolved: total_steps and warmup_steps set
     board: str               # the position board's name
@@ -427,49 +510,99 @@ def cached_prep(prep_dir: Path, key: dict, load: Callable):
     return None
 
 
+PREP_KEY = "key.json"   # written last into a prep: its commit point
+
+
+def remote_prep(location: str, key: dict, local: Path, load: Callable):
+    """The prep stored at ``location`` (object storage) if it was made for ``key``, copied
+    into ``local`` and loaded; else None."""
+    try:
+        if storage.read_json(storage.join(location, PREP_KEY)) != key:
+            return None
+    except (FileNotFoundError, ValueError):
+        return None
+    shutil.rmtree(local, ignore_errors=True)
+    return load(storage.download_dir(location, local))
+
+
+def publish_prep(staging: Path, location: str) -> None:
+    """Upload a finished prep to ``location``: the old commit point is removed first and the
+    new one (``key.json``) uploaded last, so a half-uploaded prep is never taken for a
+    complete one."""
+    storage.remove(storage.join(location, PREP_KEY))
+    for p in sorted(staging.rglob("*")):
+        if p.is_file() and p.name != PREP_KEY:
+            rel = p.relative_to(staging).as_posix()
+            storage.write_bytes(storage.join(location, rel), p.read_bytes())
+    storage.write_bytes(storage.join(location, PREP_KEY), (staging / PREP_KEY).read_bytes())
+
+
+def worker_prep_dir(location: str) -> Path:
+    """The prep directory a worker reads: ``location`` itself, or a copy of a remote one in a
+    directory of this process (hosts share no path)."""
+    if not storage.is_remote(location):
+        return Path(location)
+    return storage.download_dir(location, tempfile.mkdtemp(prefix="vcc-prep-"))
+
+
 def begin_run(cfg, prepare: Callable, prep_key: Callable, load_prep: Callable,
               check_resume: Callable, tag: str, progress: bool) -> RunStart:
     """The driver's preamble shared by trainers. In this order, so that a refused run changes
-    nothing on disk: check the inputs and the hardware; prepare (or reuse the cached prep)
-    into a staging directory; refuse a checkpoint made with other inputs; join or start Ray
-    and refuse a resource plan that starves the data stream; only then create the run
-    directory, move the prep into ``<run_dir>/prep`` and write ``config.json``; finally
+    nothing in the run directory: check the inputs and the hardware; prepare (or reuse the
+    cached prep) into a staging directory; refuse a checkpoint made with other inputs; join or
+    start Ray and refuse a resource plan that starves the data stream; only then create the
+    run directory, move the prep into ``<run_dir>/prep`` and write ``config.json``; finally
     create the stream's position board.
+
+    A run directory on object storage (``s3://...``): the prep is made in a local staging
+    directory and uploaded to ``<run_dir>/prep`` (its ``key.json`` last), ``config.json`` and
+    the checkpoint pointers are single PUTs, and Ray Train keeps the checkpoints there
+    (:func:`fit`); the driver's working copy lives in vcc_dist.storage.scratch_dir.
 
     ``prepare(cfg, out_dir, progress)`` writes a prep into ``out_dir`` and returns it;
     ``prep_key(cfg)`` identifies a prep; ``load_prep(dir)`` reads one back."""
-    run_dir = Path(cfg.run_dir).resolve()
+    remote = storage.is_remote(cfg.run_dir)
+    run_dir: Path | str = storage.location(cfg.run_dir) if remote else Path(cfg.run_dir).resolve()
     # absolute input paths: Ray Train runs each worker in its own working directory
     paths = {k: storage.resolved(getattr(cfg, k)) for k in ("corpus", "split", "gene_table")
              if isinstance(getattr(cfg, k, None), str) and getattr(cfg, k)}
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir), **paths)
     _check_inputs(cfg)
     cfg.check_hardware(cfg.engine)
-    final = run_dir / "prep"
+    # where the prep is kept, and the driver's local copy of it
+    local_root = storage.scratch_dir(str(run_dir)) if remote else Path(run_dir)
+    final = local_root / "prep"
+    prep_location = str(storage.join(run_dir, "prep"))
     key = json.loads(json.dumps(prep_key(cfg), default=str))
-    prep = cached_prep(final, key, load_prep)
+    prep = (remote_prep(prep_location, key, final, load_prep) if remote
+            else cached_prep(final, key, load_prep))
     staging = None
     try:
         if prep is None:
-            run_dir.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.prep-", dir=run_dir.parent))
+            local_root.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{local_root.name}.prep-",
+                                            dir=local_root.parent))
             prep = prepare(cfg, staging, progress=progress)
-            atomic_json(staging / "key.json", key)
-        latest = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+            atomic_json(staging / PREP_KEY, key)
+        latest = latest_checkpoint(run_dir) if remote or Path(run_dir).is_dir() else None
         if latest is not None:
             check_resume(read_manifest(latest), prep)
         ensure_ray()
         check_resource_plan(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu,
                             ray.cluster_resources())
-        run_dir.mkdir(parents=True, exist_ok=True)
+        local_root.mkdir(parents=True, exist_ok=True)
         if staging is not None:
+            if remote:
+                publish_prep(staging, prep_location)
             if final.exists():
-                old = run_dir / f".prep-old-{uuid.uuid4().hex[:8]}"
+                old = local_root / f".prep-old-{uuid.uuid4().hex[:8]}"
                 final.rename(old)
                 shutil.rmtree(old, ignore_errors=True)
             staging.rename(final)
             staging = None
-            prep = load_prep(final)
+            # the prep now lives in ``final``; what it holds in memory only (e.g. ST's set
+            # plan) is kept
+            prep = dataclasses.replace(prep, dir=final)
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -477,14 +610,16 @@ def begin_run(cfg, prepare: Callable, prep_key: Callable, load_prep: Callable,
     if cfg.max_steps:
         cfg = dataclasses.replace(cfg, epochs=max(cfg.epochs,
                                                   math.ceil(cfg.max_steps / prep.steps_per_epoch)))
-    atomic_json(run_dir / "config.json", cfg.to_dict())
+    storage.write_json(storage.join(run_dir, "config.json"), cfg.to_dict())
     optim = cfg.optim.resolve(total)
     board = new_board_name(tag)
     actor = position_board(board)
     ray.data.DataContext.get_current().enable_progress_bars = bool(progress)
-    return RunStart(cfg, run_dir, prep, total, optim, board, actor)
+    return RunStart(cfg, run_dir, prep, prep_location, total, optim, board, actor)
 
 
 __all__ = ["DS_DIR", "DS_TAG", "MANIFEST", "CheckpointMismatch", "FitResult", "LoopHooks",
-           "ResourcePlanError", "RunSection", "RunStart", "Schedule", "atomic_json", "begin_run",
-           "cached_prep", "check_resource_plan", "fit", "latest_checkpoint", "worker_loop"]
+           "LOG_FILES", "PLACEMENT_STRATEGIES", "PREP_KEY", "ResourcePlanError", "RunSection", "RunStart", "Schedule",
+           "atomic_json", "begin_run", "cached_prep", "check_resource_plan", "fit",
+           "latest_checkpoint", "publish_prep", "pull_logs", "push_run_files", "remote_prep",
+           "worker_loop", "worker_prep_dir"]

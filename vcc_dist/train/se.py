@@ -56,7 +56,7 @@ from vcc_dist.data.reader import CorpusReader
 from vcc_dist.data.se_tokens import SESentences, SETokenizer, gene_map_for
 from vcc_dist.data.streams import cell_stream
 from vcc_dist.esm.embed import load_gene_embeddings
-from vcc_dist.fileio import atomic_json, file_sha256
+from vcc_dist.fileio import atomic_json
 from vcc_dist.models.se import (
     SE_PRESETS,
     TARGET_PRESETS,
@@ -79,6 +79,7 @@ from vcc_dist.train.loop import (
     begin_run,
     fit,
     worker_loop,
+    worker_prep_dir,
 )
 from vcc_dist.train.st_data import corpus_fingerprint
 
@@ -259,7 +260,7 @@ def model_config_for(cfg: SETrainConfig, n_genes: int, gene_dim: int, n_datasets
 def prep_key(cfg: SETrainConfig) -> dict:
     """What a prep depends on (a changed key recomputes it)."""
     return {"corpus": storage.resolved(cfg.corpus),
-            "gene_table_sha256": file_sha256(cfg.gene_table), "model": to_dict(cfg.model),
+            "gene_table_sha256": storage.sha256(cfg.gene_table), "model": to_dict(cfg.model),
             "preset": cfg.preset, "targets": cfg.targets, "data": to_dict(cfg.data),
             "val_max_cells": cfg.val_max_cells, "num_workers": cfg.num_workers,
             "seed": cfg.seed, "grad_accum": cfg.optim.grad_accum_steps}
@@ -270,7 +271,7 @@ def prepare(cfg: SETrainConfig, out_dir: str | os.PathLike, *, progress: bool = 
     corpus, the model config, the step count (cheap checks first), then the validation
     sentences."""
     prep_dir = Path(out_dir)
-    table_sha = file_sha256(cfg.gene_table)
+    table_sha = storage.sha256(cfg.gene_table)
     reader = CorpusReader(cfg.corpus, normalize=False)  # raw counts: sentences are built from them
     manifest = reader.manifest
     vocab = list(manifest.genes)
@@ -370,7 +371,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     cfg = SETrainConfig.from_dict(config["cfg"])
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    prep = SEPrep.load(config["prep_dir"])
+    prep = SEPrep.load(worker_prep_dir(config["prep_dir"]))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     mcfg = SEConfig.from_dict(prep.model_config)
@@ -446,9 +447,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
 @dataclass
 class SEResult:
-    run_dir: Path
-    best_checkpoint: Path | None
-    latest_checkpoint: Path | None
+    run_dir: Path | str                    # s3:// URIs for a run on object storage
+    best_checkpoint: Path | str | None
+    latest_checkpoint: Path | str | None
     metrics: dict
     return_value: dict | None
     prep: SEPrep
@@ -465,12 +466,12 @@ def train_se(cfg: SETrainConfig, *, progress: bool = True) -> SEResult:
                          world_size=cfg.num_workers, board=rs.board,
                          transform=SESentences(mcfg, prep.gene_map(), seed=cfg.seed))
     res = fit(train_loop_per_worker,
-              {"cfg": cfg.to_dict(), "prep_dir": str(prep.dir), "board": rs.board,
+              {"cfg": cfg.to_dict(), "prep_dir": rs.prep_location, "board": rs.board,
                "optim": rs.optim.to_dict(), "max_steps": rs.total_steps},
               run_dir=run_dir, datasets={"train": stream.dataset}, num_workers=cfg.num_workers,
               cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.use_gpu,
               keep_checkpoints=cfg.keep_checkpoints, max_failures=cfg.max_failures,
-              board_actor=rs.board_actor)
+              board_actor=rs.board_actor, placement_strategy=cfg.placement_strategy)
     return SEResult(run_dir, res.best_checkpoint, res.latest_checkpoint, res.metrics,
                     res.return_value, prep, time.perf_counter() - t0)
 

@@ -96,6 +96,7 @@ from vcc_dist.train.loop import (
     begin_run,
     fit,
     worker_loop,
+    worker_prep_dir,
 )
 from vcc_dist.train.st_data import build_features, corpus_fingerprint, group_means, heldout_groups
 
@@ -268,6 +269,9 @@ class Prep:
     steps_per_epoch: int
     batches_per_epoch: int
     embeddings: dict | None = None  # ST on SE: {"key", "dim", "model"} of the cell embeddings
+    # the driver's (SetPlan, CorpusReader) when this prep was just made: the training stream
+    # reuses it instead of passing over every store's labels again (not saved)
+    plan: Any = field(default=None, repr=False, compare=False)
 
     def manifest(self) -> dict:
         """The trainer's part of every checkpoint manifest (vcc_dist.checkpoint.STManifest)."""
@@ -374,7 +378,7 @@ def prepare(cfg: STTrainConfig, out_dir: str | os.PathLike, *, progress: bool = 
             else [float(x) for x in reader.store_targets], "corpus_median": reader.target_sum}
     prep = Prep(d, mcfg.to_dict(), list(reader.genes), labels.to_json(), table.table,
                 table.sources, corpus_fingerprint(reader), norm, val, baselines, spe, n_batches,
-                emb)
+                emb, plan=(plan, reader))
     prep.save()
     return prep
 
@@ -495,7 +499,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     cfg = STTrainConfig.from_dict(config["cfg"])
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    prep = Prep.load(config["prep_dir"])
+    prep = Prep.load(worker_prep_dir(config["prep_dir"]))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg.engine.check_hardware(torch.cuda.is_available())  # what this worker really has
@@ -559,9 +563,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
 @dataclass
 class STResult:
-    run_dir: Path
-    best_checkpoint: Path | None
-    latest_checkpoint: Path | None
+    run_dir: Path | str                    # s3:// URIs for a run on object storage
+    best_checkpoint: Path | str | None
+    latest_checkpoint: Path | str | None
     metrics: dict
     return_value: dict | None
     prep: Prep
@@ -575,15 +579,16 @@ def train_st(cfg: STTrainConfig, *, progress: bool = True,
     rs = begin_run(cfg, prepare, prep_key, Prep.load, check_resume, "st", progress)
     cfg, prep, run_dir = rs.cfg, rs.prep, rs.run_dir
     stream = set_stream(cfg.corpus, cfg.data, split=cfg.split, role="train",
-                        world_size=cfg.num_workers, board=rs.board,
+                        world_size=cfg.num_workers, board=rs.board, plan=prep.plan,
                         **({"embeddings": cfg.embeddings} if cfg.embeddings else {}))
     res = fit(train_loop_per_worker,
-              {"cfg": cfg.to_dict(), "prep_dir": str(prep.dir), "board": rs.board,
+              {"cfg": cfg.to_dict(), "prep_dir": rs.prep_location, "board": rs.board,
                "optim": rs.optim.to_dict(), "max_steps": rs.total_steps},
               run_dir=run_dir, datasets={"train": stream.dataset}, num_workers=cfg.num_workers,
               cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.use_gpu,
               keep_checkpoints=cfg.keep_checkpoints, max_failures=cfg.max_failures,
-              board_actor=rs.board_actor, callbacks=callbacks)
+              board_actor=rs.board_actor, callbacks=callbacks,
+              placement_strategy=cfg.placement_strategy)
     return STResult(run_dir, res.best_checkpoint, res.latest_checkpoint, res.metrics,
                     res.return_value, prep, time.perf_counter() - t0)
 

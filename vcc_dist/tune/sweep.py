@@ -26,6 +26,19 @@ challenge score (DES, PDS and MAE scaled against the cell-mean baseline, exactly
 - Resume: running the same sweep again (same ``run_dir``) restores it with ``Tuner.restore``:
   finished trials are kept, unfinished ones resume from their latest checkpoint.
 
+Run directory on object storage: ``run_dir="s3://bucket/prefix/sweep"`` keeps the whole sweep
+there (vcc_dist.storage; endpoint and credentials from the AWS variables, which the Ray
+workers must see too: set them before Ray starts, or in the cluster's environment). Tune's
+own experiment state goes through a pyarrow S3 filesystem
+(``RunConfig(storage_path="bucket/prefix", storage_filesystem=...)``, since Ray's own ``s3://``
+resolution ignores ``AWS_ENDPOINT_URL``), and ``Tuner.can_restore``/``Tuner.restore`` use the
+same filesystem, so a sweep resumes from object storage alone; each trial's ST run is
+``s3://bucket/prefix/sweep/trials/<trial id>`` (vcc_dist.train.loop keeps its checkpoints
+there); the outputs below are whole-object PUTs into the sweep's prefix. Nothing is written to
+a local sweep directory (the plot is drawn in a temporary directory and uploaded). Tune
+pickles its filesystem into the sweep (``tuner.pkl``), so that filesystem carries no keys: the
+AWS SDK's default chain reads them from the same variables (:func:`sweep_location`).
+
 Outputs in ``run_dir``: ``trials.csv`` (one row per trial: status, validations, best score and
 its DES/PDS/MAE, every sampled value, run directory, error), ``best_recipe.json`` (the best
 trial's complete config, which ``jobs/train_st.py --recipe`` accepts directly; pass a new
@@ -36,9 +49,9 @@ trial's complete config, which ``jobs/train_st.py --recipe`` accepts directly; p
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +63,8 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from vcc_dist import storage
 from vcc_dist.config import ConfigError, check_dotted, check_ints, check_keys, merge, set_dotted
-from vcc_dist.fileio import atomic_json
 from vcc_dist.ray_utils import ensure_ray
 from vcc_dist.train.st import STTrainConfig, st_recipe, train_st
 
@@ -181,9 +194,9 @@ class SweepConfig:
             over["checkpoint_every"] = self.checkpoint_every
         if self.wandb:
             over["wandb"] = dict(self.wandb)
-        over.setdefault("wandb", {}).setdefault("group", Path(self.run_dir).name)
+        over.setdefault("wandb", {}).setdefault("group", storage.basename(self.run_dir))
         cfg = st_recipe(self.recipe, over, corpus=self.corpus, split=self.split,
-                        run_dir=str(Path(self.run_dir) / "trials" / "_check"))
+                        run_dir=str(storage.join(self.run_dir, "trials", "_check")))
         if not cfg.split or not cfg.val_role:
             raise ValueError("a sweep needs a split with validation perturbations (its "
                              "objective is the validation score)")
@@ -208,37 +221,60 @@ def derive_concurrency(cfg: SweepConfig, resources: dict[str, float]) -> int:
     return max(1, n)
 
 
+def sweep_location(run_dir: str | Path) -> tuple[str, Any]:
+    """Where Tune keeps the sweep's experiment state: ``(path, filesystem)`` for
+    ``Tuner.can_restore``/``Tuner.restore`` and ``RunConfig``. A local sweep: its absolute path
+    and None (Tune's own resolution); on object storage: ``"bucket/prefix/sweep"`` on a pyarrow
+    S3 filesystem configured from the AWS variables (vcc_dist.storage.pyarrow_filesystem)."""
+    if not storage.is_remote(run_dir):
+        return str(Path(run_dir).resolve()), None
+    # Tune pickles its RunConfig, filesystem included, into the sweep (tuner.pkl): the
+    # filesystem made from the AWS variables carries no keys (the AWS SDK's default chain reads
+    # those same variables in every process), so they are never written to the bucket
+    fs, parent = storage.pyarrow_filesystem(str(storage.parent(run_dir)))
+    return f"{parent}/{storage.basename(run_dir)}", fs
+
+
+def can_restore(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` (a local path or ``s3://`` URI) holds a sweep Tune can restore."""
+    path, fs = sweep_location(run_dir)
+    return tune.Tuner.can_restore(path, storage_filesystem=fs)
+
+
 def _trial(config: dict, base: dict, sweep_dir: str) -> None:
     """One trial (a Tune driver function): train ST with the sampled values."""
     trial_id = tune.get_context().get_trial_id()
     d = merge(base, _nest(config))
-    run_dir = Path(sweep_dir) / "trials" / trial_id
+    run_dir = storage.join(sweep_dir, "trials", trial_id)
     d["run_dir"], d["name"] = str(run_dir), trial_id
     cfg = STTrainConfig.from_dict(d)
     res = train_st(cfg, progress=False, callbacks=[TuneReportCallback()])
-    atomic_json(run_dir / TRIAL_DONE, {"trial_id": trial_id,
-                                       "best_checkpoint": str(res.best_checkpoint),
-                                       "return_value": res.return_value})
+    storage.write_json(storage.join(run_dir, TRIAL_DONE),
+                       {"trial_id": trial_id, "best_checkpoint": str(res.best_checkpoint),
+                        "return_value": res.return_value})
 
 
 @dataclass
 class SweepResult:
-    run_dir: Path
+    run_dir: Path | str          # an s3:// URI (str) for a sweep on object storage
     trials: Any                  # pandas.DataFrame (trials.csv)
-    best_recipe: Path | None
+    best_recipe: Path | str | None
     best: dict | None
-    plot: Path | None
+    plot: Path | str | None
     wall_s: float
 
 
 def run_sweep(cfg: SweepConfig, *, progress: bool = True, resume: bool = True) -> SweepResult:
     """Run (or restore and finish) a sweep; see the module docstring."""
     t0 = time.perf_counter()
-    run_dir = Path(cfg.run_dir).resolve()
+    remote = storage.is_remote(cfg.run_dir)
+    run_dir: Path | str = (storage.location(cfg.run_dir) if remote
+                           else Path(cfg.run_dir).resolve())
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     base = cfg.base_config()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_json(run_dir / "sweep_config.json", cfg.to_dict())
+    if not remote:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    storage.write_json(storage.join(run_dir, "sweep_config.json"), cfg.to_dict())
     # ASHA's early stops release their Train placement groups only with the dashboard running
     ensure_ray(include_dashboard=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -250,11 +286,13 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, resume: bool = True) -
     conc = cfg.max_concurrent or derive_concurrency(cfg, res)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, sweep_dir=str(run_dir)), TRIAL_DRIVER)
-    if resume and tune.Tuner.can_restore(str(run_dir)):
+    exp_path, exp_fs = sweep_location(run_dir)
+    if resume and tune.Tuner.can_restore(exp_path, storage_filesystem=exp_fs):
         if progress:
             print(f"[tune] restoring the sweep in {run_dir}", flush=True)
-        tuner = tune.Tuner.restore(str(run_dir), trainable=trainable, resume_errored=False,
-                                   restart_errored=False, resume_unfinished=True)
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=False,
+                                   restart_errored=False, resume_unfinished=True,
+                                   storage_filesystem=exp_fs)
     else:
         if cfg.scheduler == "asha":
             sched = ASHAScheduler(time_attr="training_iteration",
@@ -274,7 +312,10 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, resume: bool = True) -
                                         search_alg=searcher, num_samples=cfg.num_samples,
                                         max_concurrent_trials=conc,
                                         trial_name_creator=name, trial_dirname_creator=name),
-            run_config=tune.RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
+            run_config=tune.RunConfig(name=storage.basename(run_dir),
+                                      storage_path=(exp_path.rsplit("/", 1)[0] if remote
+                                                    else str(run_dir.parent)),
+                                      storage_filesystem=exp_fs,
                                       failure_config=tune.FailureConfig(max_failures=0),
                                       # Tune's own status table ranks trials by their
                                       # *last* result; the sweep's one ranking (best over a
@@ -283,26 +324,26 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, resume: bool = True) -
     if progress:
         print(f"[tune] {cfg.num_samples} samples of space {cfg.space!r} on recipe "
               f"{cfg.recipe!r}, {conc} at a time, {cfg.scheduler} + {cfg.searcher}; "
-              f"trial runs in {run_dir / 'trials'}", flush=True)
+              f"trial runs in {storage.join(run_dir, 'trials')}", flush=True)
     grid = tuner.fit()
     table = trials_table(grid, run_dir, list(cfg.space_spec))
-    table.to_csv(run_dir / "trials.csv", index=False)
+    storage.write_bytes(storage.join(run_dir, "trials.csv"), table.to_csv(index=False).encode())
     best, best_recipe = None, None
     ok = table[table["best_score"].notna()]
     if len(ok):
         row = ok.loc[ok["best_score"].idxmax()]
         best = {k: (None if isinstance(v, float) and math.isnan(v) else v)
                 for k, v in row.to_dict().items()}
-        trial_cfg = json.loads((Path(row["run_dir"]) / "config.json").read_text())
+        trial_cfg = storage.read_json(storage.join(row["run_dir"], "config.json"))
         recipe = {k: v for k, v in trial_cfg.items() if k not in ("run_dir", "name")}
         recipe["wandb"] = {k: v for k, v in recipe.get("wandb", {}).items() if k != "group"}
-        best_recipe = run_dir / "best_recipe.json"
-        atomic_json(best_recipe, recipe)
-    plot = plot_sweep(table, list(cfg.space_spec), run_dir / "sweep.png")
+        best_recipe = storage.join(run_dir, "best_recipe.json")
+        storage.write_json(best_recipe, recipe)
+    plot = plot_sweep(table, list(cfg.space_spec), storage.join(run_dir, "sweep.png"))
     summary = {"trials": len(table), "by_status": table["status"].value_counts().to_dict(),
                "best": best, "best_recipe": str(best_recipe) if best_recipe else None,
                "max_concurrent": conc, "wall_s": time.perf_counter() - t0}
-    atomic_json(run_dir / "summary.json", summary)
+    storage.write_json(storage.join(run_dir, "summary.json"), summary)
     if progress:
         for _, r in table.iterrows():
             print(f"[tune] trial {r['trial_id']}: {r['status']}, {r['validations']} validations, "
@@ -314,19 +355,26 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, resume: bool = True) -
     return SweepResult(run_dir, table, best_recipe, best, plot, summary["wall_s"])
 
 
-def trials_table(grid, run_dir: Path, params: list[str]):
+def _done(trial_run: Path | str) -> bool:
+    """Whether a trial's driver function returned (it writes TRIAL_DONE last)."""
+    marker = storage.join(trial_run, TRIAL_DONE)
+    return storage.exists(marker) if storage.is_remote(marker) else marker.is_file()
+
+
+def trials_table(grid, run_dir: Path | str, params: list[str]):
     """One row per trial: status (completed / stopped early / error), validations, the best
     validation score with its DES/PDS/MAE, the sampled values, run directory and error."""
     rows = []
     for r in grid:
         cfg = r.config or {}
-        tid = Path(r.path).name.removeprefix("trial_") if r.path else None
-        trial_run = run_dir / "trials" / str(tid)
+        # a trial's Tune directory, on the sweep's filesystem ("bucket/key/..." on S3)
+        tid = str(r.path).rstrip("/").rsplit("/", 1)[-1].removeprefix("trial_") if r.path else None
+        trial_run = storage.join(run_dir, "trials", str(tid))
         hist = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
         row: dict[str, Any] = {"trial_id": tid}
         if r.error is not None:
             row["status"] = "error"
-        elif (trial_run / TRIAL_DONE).is_file():
+        elif _done(trial_run):
             row["status"] = "completed"
         else:
             row["status"] = "stopped early"
@@ -349,8 +397,9 @@ def trials_table(grid, run_dir: Path, params: list[str]):
     return df.sort_values("trial_id").reset_index(drop=True) if len(df) else df
 
 
-def plot_sweep(table, params: list[str], path: Path) -> Path | None:
-    """Score by trial (coloured by status) and score against each sampled parameter."""
+def plot_sweep(table, params: list[str], path: Path | str) -> Path | str | None:
+    """Score by trial (coloured by status) and score against each sampled parameter; ``path``
+    on object storage: drawn in a temporary directory and uploaded (one PUT)."""
     if table is None or not len(table):
         return None
     import matplotlib
@@ -390,6 +439,13 @@ def plot_sweep(table, params: list[str], path: Path) -> Path | None:
     for j in range(n, rows * cols):
         axes[j // cols][j % cols].axis("off")
     fig.tight_layout()
+    if storage.is_remote(path):
+        with tempfile.TemporaryDirectory(prefix="vcc-sweep-") as tmpdir:
+            local = Path(tmpdir) / "sweep.png"
+            fig.savefig(local, dpi=110)
+            plt.close(fig)
+            storage.write_bytes(path, local.read_bytes())
+        return storage.location(path)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -398,5 +454,5 @@ def plot_sweep(table, params: list[str], path: Path) -> Path | None:
     return path
 
 
-__all__ = ["SPACES", "SweepConfig", "SweepResult", "derive_concurrency", "run_sweep",
-           "trials_table", "tune_space"]
+__all__ = ["SPACES", "SweepConfig", "SweepResult", "can_restore", "derive_concurrency",
+           "run_sweep", "sweep_location", "trials_table", "tune_space"]
