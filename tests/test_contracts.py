@@ -28,7 +28,7 @@ from vcc_dist.models.st import STModel
 from vcc_dist.train import se as se_train
 from vcc_dist.train import st as st_train
 from vcc_dist.train.engine import EngineConfig, OptimConfig
-from vcc_dist.train.loop import ResourcePlanError, check_resource_plan
+from vcc_dist.train.loop import ResourcePlanError, check_resource_plan, resume_location
 from vcc_dist.tune.sweep import SPACES, SweepConfig
 
 TOP = {"corpus": "corpus", "run_dir": "run"}
@@ -223,3 +223,31 @@ def test_run_dir_on_object_storage_keeps_its_uri_and_placement_is_checked():
                               placement_strategy="SPREAD").placement_strategy == "SPREAD"
     with pytest.raises(ConfigError, match="placement_strategy='spread'.*STRICT_SPREAD"):
         st_train.st_recipe("debug", corpus="c", run_dir="r", placement_strategy="spread")
+
+
+def test_a_restart_resumes_from_the_newest_complete_checkpoint(tmp_path):
+    """Ray Train learns of a checkpoint only at its controller's next poll: a worker group
+    restarted right after an upload resumes from the run directory's newer complete checkpoint
+    (manifest written last), not Ray's older one, nor from scratch."""
+    from ray.train import Checkpoint
+
+    base = {"kind": ST_KIND, "model_config": {}, "corpus_fingerprint": "f", "train_config": {},
+            "format_version": FORMAT_VERSION, "zero_stage": 2}
+    run = tmp_path / "run"
+
+    def ckpt(name: str, step: int | None) -> str:
+        d = run / name
+        d.mkdir(parents=True)
+        if step is not None:  # None: an upload without its manifest (incomplete)
+            (d / "manifest.json").write_text(json.dumps({**base, "trainer_state": {"step": step}}))
+        return str(d)
+
+    assert resume_location(None, str(run)) is None  # nothing yet: from scratch
+    c4 = ckpt("checkpoint_2026-01-01_00-00-04.000000", 4)
+    assert resume_location(None, str(run)) == c4  # Ray knew of none (e.g. a head restart)
+    assert resume_location(Checkpoint.from_directory(c4), str(run)) == c4
+    c8 = ckpt("checkpoint_2026-01-01_00-00-08.000000", 8)
+    assert resume_location(Checkpoint.from_directory(c4), str(run)) == c8  # newer than Ray's
+    ckpt("checkpoint_2026-01-01_00-00-12.000000", None)  # incomplete: never resumed from
+    assert resume_location(Checkpoint.from_directory(c8), str(run)) == c8
+    assert resume_location(None, str(run)) == c8

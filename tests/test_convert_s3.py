@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from data_conversion import convert as conv
 from data_conversion.cli import convert_main
 from data_conversion.convert import ManifestSaver, _store_is_complete
 from tests.h5ad_factory import make_adata, write
+from tests.s3server import moto_s3
 from vcc_dist import constants as K
 from vcc_dist import storage
 from vcc_dist.data.corpus import CorpusManifest, load_manifest, store_path
@@ -51,38 +51,14 @@ ARRAYS = ("X/data", "X/indices", "X/indptr", f"obs/{K.SOURCE_ROW_KEY}",
 RUN_FIELDS = ("source", "location", "provenance")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server with bucket BUCKET; the AWS variables point at it. Yields a boto3
     client."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    mp = pytest.MonkeyPatch()
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL_S3",
-              "VCC_DIST_S3_BACKEND"):
-        mp.delenv(k, raising=False)
-    mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    try:
-        client = boto3.client("s3")
-        client.create_bucket(Bucket=BUCKET)
-        yield client
-    finally:
-        mp.undo()
-        server.stop()
+    with moto_s3(BUCKET):
+        yield boto3.client("s3")
 
 
 def _keys(client, prefix: str) -> list[str]:

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.s3server import moto_s3
 from vcc_dist import storage
 from vcc_dist.checkpoint import (
     MANIFEST,
@@ -28,7 +29,6 @@ from vcc_dist.checkpoint import (
     resolve_checkpoint,
 )
 from vcc_dist.train.st import st_recipe, train_st
-from tests.s3server import moto_s3
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::FutureWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]

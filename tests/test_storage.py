@@ -8,12 +8,12 @@ clear errors for a missing bucket/credentials, and the Ray cell and set streams.
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.s3server import moto_s3
 from vcc_dist import storage
 from vcc_dist.data.corpus import CorpusError, load_manifest, store_path
 from vcc_dist.data.embeddings import CorpusEmbeddings, EmbeddingWriter
@@ -27,17 +27,9 @@ BUCKET = "vcc-test"
 EMB_KEY = "X_test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def s3_corpus(tiny_corpus, tmp_path_factory):
     """(local corpus dir, its s3:// copy). The local copy gets a cell embedding first."""
-    import boto3
-    from moto.server import ThreadedMotoServer
 
     _, corpus = tiny_corpus
     local = tmp_path_factory.mktemp("s3src") / "corpus"
@@ -49,26 +41,10 @@ def s3_corpus(tiny_corpus, tmp_path_factory):
         w = EmbeddingWriter(store_path(local, s.name), EMB_KEY, rows, 6, meta={"model": "t"})
         w.write(0, vals)
         w.commit()
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    mp = pytest.MonkeyPatch()
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL_S3",
-              "VCC_DIST_S3_BACKEND"):
-        mp.delenv(k, raising=False)
-    mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    mp.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata probing
-    try:
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
+    with moto_s3(BUCKET):
         uri = f"s3://{BUCKET}/corpora/tiny"
         storage.upload_dir(local, uri)
         yield local, uri
-    finally:
-        mp.undo()
-        server.stop()
 
 
 def test_locations_and_json(s3_corpus, tmp_path):

@@ -272,7 +272,9 @@ def local_checkpoint(ck: storage.Location) -> Path:
         storage.download_dir(str(ck), tmp)
         if not (tmp / MANIFEST).is_file():
             raise CheckpointError(f"{ck} is not a checkpoint (no {MANIFEST})")
-        if dest.exists():
+        if (dest / MANIFEST).is_file() and (dest / MANIFEST).read_bytes() == want:
+            return dest  # another process on this host finished the same copy first
+        if dest.exists():  # a stale copy (another checkpoint once at this location)
             shutil.rmtree(dest, ignore_errors=True)
         try:
             tmp.rename(dest)

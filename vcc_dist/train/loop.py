@@ -48,6 +48,7 @@ from vcc_dist.checkpoint import (
     MANIFEST,
     CheckpointMismatch,
     latest_checkpoint,
+    local_checkpoint,
     read_manifest,
 )
 from vcc_dist.config import ConfigError, check_ints, check_sections
@@ -194,15 +195,18 @@ def worker_loop(engine, batches: Callable, board: str, sched: Schedule, hooks: L
 
     state = {"epoch": 0, "consumed": [], "step": 0, "best_score": None}
     resumed = False
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            man = read_manifest(d)
-            if hooks.check_resume is not None:
-                hooks.check_resume(man)
-            client = load_checkpoint(engine, Path(d) / DS_DIR, tag=DS_TAG)
-            state = dict(client["trainer"])
-            resumed = True
+    # the checkpoint to resume from, chosen by rank 0 for every rank
+    choice = [resume_location(ray.train.get_checkpoint(), run_dir) if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(choice, src=0)
+    if choice[0] is not None:
+        d = local_checkpoint(choice[0])
+        man = read_manifest(d)
+        if hooks.check_resume is not None:
+            hooks.check_resume(man)
+        client = load_checkpoint(engine, d / DS_DIR, tag=DS_TAG)
+        state = dict(client["trainer"])
+        resumed = True
 
     logger = RunLogger(run_path, run_name=run_name, config=config,
                        wandb=wandb, enabled=rank == 0,
@@ -345,6 +349,28 @@ def worker_loop(engine, batches: Callable, board: str, sched: Schedule, hooks: L
         return {"step": step, "best_val_score": state["best_score"], "last_val": last_val,
                 "curves": str(png) if png else None}
     return None
+
+
+def resume_location(ckpt, run_dir: str) -> str | None:
+    """Where a (re)started worker group resumes: Ray Train's checkpoint, unless the run
+    directory holds a complete checkpoint (manifest written last) of a later step. Ray Train
+    learns of a checkpoint only when its controller next polls the workers, so a host lost, or
+    a head restarted, right after an upload would otherwise resume from an older checkpoint, or
+    start again from none. None: start from scratch."""
+    ray_loc = None
+    if ckpt is not None:
+        ray_loc = storage.s3_uri(ckpt.path) if storage.is_remote(run_dir) else ckpt.path
+    try:
+        found = latest_checkpoint(run_dir)
+    except FileNotFoundError:
+        found = None
+    if found is None:
+        return ray_loc
+    if ray_loc is None:
+        return str(found)
+    if read_manifest(found).trainer_state.step > read_manifest(ray_loc).trainer_state.step:
+        return str(found)
+    return ray_loc
 
 
 #: the run's log files (vcc_dist.train.runlog) that follow a run directory on object storage
@@ -622,4 +648,4 @@ __all__ = ["DS_DIR", "DS_TAG", "MANIFEST", "CheckpointMismatch", "FitResult", "L
            "LOG_FILES", "PLACEMENT_STRATEGIES", "PREP_KEY", "ResourcePlanError", "RunSection", "RunStart", "Schedule",
            "atomic_json", "begin_run", "cached_prep", "check_resource_plan", "fit",
            "latest_checkpoint", "publish_prep", "pull_logs", "push_run_files", "remote_prep",
-           "worker_loop", "worker_prep_dir"]
+           "resume_location", "worker_loop", "worker_prep_dir"]
