@@ -348,22 +348,6 @@ def download_dir(uri: str, local: Location, options: S3Options | None = None) ->
     return dest
 
 
-def remove(uri: Location, options: S3Options | None = None) -> None:
-    """Delete a file/object or a whole tree/prefix; a missing one is not an error."""
-    if not is_remote(uri):
-        p = Path(uri)
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-        return
-    with _errors(uri, options):
-        fs = filesystem(uri, options)
-        src = str(location(uri))
-        if fs.exists(src):
-            fs.rm(src, recursive=True)
-
-
 def basename(uri: Location) -> str:
     """The last component of a path or URI."""
     return str(location(uri)).rstrip("/").rsplit("/", 1)[-1]

@@ -555,12 +555,8 @@ def publish_prep(staging: Path, location: str) -> None:
     """Upload a finished prep to ``location``: the old commit point is removed first and the
     new one (``key.json``) uploaded last, so a half-uploaded prep is never taken for a
     complete one."""
-    storage.remove(storage.join(location, PREP_KEY))
-    for p in sorted(staging.rglob("*")):
-        if p.is_file() and p.name != PREP_KEY:
-            rel = p.relative_to(staging).as_posix()
-            storage.write_bytes(storage.join(location, rel), p.read_bytes())
-    storage.write_bytes(storage.join(location, PREP_KEY), (staging / PREP_KEY).read_bytes())
+    storage.delete_tree(storage.join(location, PREP_KEY))
+    storage.upload_dir_last(staging, location, PREP_KEY)
 
 
 def worker_prep_dir(location: str) -> Path:
