@@ -3,13 +3,17 @@
     python jobs/embed_cells.py --checkpoint runs/demo/se --corpus runs/demo/corpus \\
         --h5ad runs/demo/se/cells_state.h5ad
     ray job submit --working-dir . -- python jobs/embed_cells.py \\
-        --checkpoint /shared/runs/se600m --corpus /shared/corpus
+        --checkpoint s3://bucket/runs/se600m --corpus s3://bucket/corpus
 
 The embeddings land in the corpus stores as obsm/<key> (AnnData encoding: anndata.read_zarr
 shows them), with a manifest naming the checkpoint; ST trains on them with the `demo_se`
 recipe of `jobs/train_st.py` (or `--set embeddings=X_se` with any recipe). One Ray task per
-store (a GPU each on GPU clusters); a store is written atomically, a killed job resumes each
-partial store, and stores already embedded by the same checkpoint are skipped.
+store (a GPU each on GPU clusters), spread over the cluster's hosts; a store is written
+atomically, a killed job resumes each partial store, and stores already embedded by the same
+checkpoint are skipped. Checkpoint, corpus and --h5ad may be s3://bucket/prefix (endpoint and
+credentials from the standard AWS variables): a store in object storage is committed by an
+upload with its metadata last (vcc_dist/data/embeddings.py), and each store's embedding
+manifest records the Ray node that wrote it.
 
 Every option is listed by --help with its default and accepted values.
 """
@@ -34,8 +38,8 @@ def parser():
     ap.add_argument("--which", choices=["best", "latest"], default="best",
                     help="which checkpoint of a run directory: best or latest (default: best)")
     ap.add_argument("--corpus", required=True, metavar="DIR",
-                    help="the Zarr corpus to embed (any corpus with the same gene symbols) "
-                         "(required)")
+                    help="the Zarr corpus to embed (any corpus with the same gene symbols; a "
+                         "directory or s3://bucket/prefix) (required)")
     ap.add_argument("--key", default="X_se", metavar="NAME",
                     help="obsm key the embeddings are stored under in every store "
                          "(default: X_se)")
@@ -43,8 +47,8 @@ def parser():
                     help="store only the L2-normalised cell part (output_dim values), not the "
                          "cell + dataset embedding (default: off: both)")
     ap.add_argument("--h5ad", metavar="PATH",
-                    help="also write one .h5ad with obs and obsm[--obsm-key], for scanpy "
-                         "(default: none)")
+                    help="also write one .h5ad with obs and obsm[--obsm-key], for scanpy (a "
+                         "path or s3://...) (default: none)")
     ap.add_argument("--obsm-key", default="X_state", metavar="NAME",
                     help="obsm key in the --h5ad file (default: X_state, STATE's name)")
     ap.add_argument("--with-X", action="store_true",

@@ -47,6 +47,7 @@ def test_job_outputs_and_cached_summary(files, tmp_path):
                               "baseline_overlap_at_N", "n_real_de"} <= set(res.columns)
     agg = json.loads((out / "agg_results.json").read_text())
     assert 0 <= agg["score"]["avg_score"] and (out / "per_perturbation.png").stat().st_size > 0
+    assert "node_ids" not in agg  # one process, no Ray: nothing to record
     diff = pd.read_csv(out / "baseline_diff.csv")
     assert list(diff["metric"]) == ["mae", "overlap_at_N", "discrimination_score_l1",
                                     "avg_score"]
@@ -106,6 +107,15 @@ def test_score_formula_edge_cases():
     assert perfect["avg_score"] == pytest.approx(1.0)
     nan = vcc.score(base, {"overlap_at_N": 1.0, "mae": 0.0, "discrimination_score_l1": 1.0})
     assert nan["overlap_at_N"] == 0.0 and nan["mae"] == 0.0  # 0/0 and x/0: NaN/-inf -> 0
+
+
+def test_agg_results_is_written_last(files, tmp_path):
+    """agg_results.json marks a complete evaluation (an s3 upload follows this order)."""
+    ev = vcc.evaluate(files / "real.h5ad", files / "pred.h5ad", files / "base.h5ad")
+    ev.node_ids = ["n2", "n1"]
+    paths = vcc.write_evaluation(ev, tmp_path, plot=False)
+    assert list(paths) == ["results.csv", "baseline_diff.csv", "agg_results.json"]
+    assert json.loads(paths["agg_results.json"].read_text())["node_ids"] == ["n2", "n1"]
 
 
 @pytest.mark.integration

@@ -166,6 +166,7 @@ def test_embed_cells_round_trip(embedded, tmp_path):
     loaded = load_se_checkpoint(res.run_dir)
     dim = loaded.model.cfg.embed_dim
     assert out["dim"] == dim and out["cells"] == sum(s.n_cells for s in m.stores)
+    assert len(out["node_ids"]) == 1  # provenance: the Ray node of every store's task
     # anndata sees obsm[key] with no vcc-dist code; values = a direct forward of the model
     s0 = m.stores[1]
     a = ad.read_zarr(store_path(corpus, s0.name))

@@ -71,6 +71,29 @@ def ray_map(fn: Callable[..., Any], shared: Any, chunks: Sequence[Any]) -> list[
     return ray.get([task.remote(ref, c) for c in chunks])
 
 
+def _with_node(fn: Callable[[Any, Any], Any], shared: Any, chunk: Any) -> tuple[Any, str]:
+    """One Ray task: ``fn(shared, chunk)`` and the node it ran on."""
+    return fn(shared, chunk), ray.get_runtime_context().get_node_id()
+
+
+class SpreadMap:
+    """:func:`ray_map` with the tasks placed ``SPREAD`` (chunks land on different hosts of a
+    cluster), recording the Ray nodes they ran on in :attr:`node_ids` (the provenance that
+    jobs write into their outputs)."""
+
+    def __init__(self) -> None:
+        self.node_ids: set[str] = set()
+
+    def __call__(self, fn: Callable[[Any, Any], Any], shared: Any,
+                 chunks: Sequence[Any]) -> list[Any]:
+        ensure_ray()
+        task = ray.remote(_with_node).options(scheduling_strategy="SPREAD")
+        ref = ray.put(shared)
+        out = ray.get([task.remote(fn, ref, c) for c in chunks])
+        self.node_ids.update(node for _, node in out)
+        return [r for r, _ in out]
+
+
 def _pin_dashboard(kwargs: dict) -> None:
     """Give an embedded Ray's dashboard a known port and tell every process of the job where
     it is. Ray's state API (which Ray Train's placement-group cleaner uses to see that a

@@ -318,8 +318,15 @@ def listdir(uri: Location, options: S3Options | None = None) -> list[str]:
         return sorted(p.name for p in Path(uri).iterdir())
     with _errors(uri, options):
         fs = filesystem(uri, options)
-        return sorted(p.rstrip("/").rsplit("/", 1)[-1]
-                      for p in fs.ls(str(location(uri)), detail=False, refresh=True))
+        path = str(location(uri))
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1]
+                          for p in fs.ls(path, detail=False, refresh=True))
+        finally:
+            # s3fs keeps the listing: a later exists/read in this process would then miss
+            # objects other processes write under uri (a resume listing parts, then reading
+            # them). Listings are never reused here, so none is kept.
+            fs.invalidate_cache(path)
 
 
 def upload_dir(local: Location, uri: str, options: S3Options | None = None) -> None:
@@ -496,6 +503,21 @@ def download_file(uri: Location, local: Location, options: S3Options | None = No
         return
     with _errors(uri, options):
         filesystem(uri, options).get_file(str(location(uri)), str(local))
+
+
+def upload_file(local: Location, uri: Location, options: S3Options | None = None) -> None:
+    """Copy the local file ``local`` to ``uri`` (an object: one PUT or a multipart upload that
+    S3 makes visible only when complete; or a local path, written to a temporary name and
+    renamed), streamed, never held in memory whole."""
+    if not is_remote(uri):
+        dest = Path(location(uri))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, dest)
+        return
+    with _errors(uri, options):
+        filesystem(uri, options).put_file(str(local), str(location(uri)))
 
 
 def upload_dir_last(local: Location, uri: str, last: str,

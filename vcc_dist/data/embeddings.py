@@ -31,6 +31,14 @@ small chunks waste little; chunks are sharded into ~64 MiB files so a store is a
 files. The writer buffers one shard and writes each shard once (zarr rewrites a whole shard
 for a partial write), recording the rows written so far in the partial array's attributes:
 ``resume=True`` continues after the last shard flushed.
+
+Stores in object storage (``s3://``): S3 has no rename, so the partial array is written in
+this host's scratch directory (vcc_dist.storage.scratch_dir) and committed by uploading it
+into ``obsm/<key>`` with its ``zarr.json`` last (readers open the array through that file,
+so a half-uploaded array is never read), then re-consolidating the store's metadata.
+Replacing an existing key deletes it first: a kill in between leaves the key missing, never
+mixed, and a rerun recomputes it. A partial write resumes only on the host that holds it;
+elsewhere the store starts over (one store is the unit of lost work).
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ from vcc_dist import constants as K
 from vcc_dist import storage
 from vcc_dist.data.corpus import load_manifest, store_path
 from vcc_dist.data.reader import zarrs_pipeline
+from vcc_dist.provenance import process_provenance
 
 #: array attribute holding the embedding manifest
 EMBED_ATTR = "vcc_dist_embedding"
@@ -69,7 +78,8 @@ EMBED_FORMAT_VERSION = 1
 DEFAULT_KEY = "X_se"
 #: fields the writer owns in the manifest (the caller's meta may not use them)
 RESERVED = frozenset({"format", "format_version", "key", "complete", "n_rows", "dim", "dtype",
-                      "chunk_rows", "shard_rows", "rows_written", "created_at", "updated_at"})
+                      "chunk_rows", "shard_rows", "rows_written", "created_at", "updated_at",
+                      "written_by"})
 #: target bytes of one chunk / one shard
 CHUNK_BYTES = 1 << 20
 SHARD_BYTES = 64 << 20
@@ -102,7 +112,10 @@ def final_path(store: str | os.PathLike, key: str) -> Path | str:
 
 
 def partial_path(store: str | os.PathLike, key: str) -> Path:
-    """Where an embedding is written before its commit (hidden sibling of the store)."""
+    """Where an embedding is written before its commit: the store's hidden sibling, or for a
+    store in object storage a directory in this host's scratch space."""
+    if storage.is_remote(store):
+        return storage.scratch_dir(f"{storage.resolved(store)}.obsm-{_check_key(key)}.partial")
     s = Path(store)
     return s.parent / f".{s.name}.obsm-{_check_key(key)}.partial"
 
@@ -135,44 +148,56 @@ def _json_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
         raise EmbeddingError(f"embedding meta must be JSON-serialisable: {e}") from None
 
 
-def _store_rows(store: Path) -> int:
+def _zarr_json(path: Path | str) -> dict[str, Any]:
+    """A ``zarr.json`` (local or remote) as a dict; OSError/ValueError when absent or bad."""
+    return json.loads(storage.read_bytes(storage.join(path, "zarr.json")))
+
+
+def _store_rows(store: Path | str) -> int:
     """Rows of a corpus store (from X's shape attribute)."""
     try:
-        return int(json.loads((store / "X" / "zarr.json").read_text())["attributes"]["shape"][0])
+        return int(_zarr_json(storage.join(store, "X"))["attributes"]["shape"][0])
+    except storage.StorageError:
+        raise
     except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
         raise EmbeddingError(f"{store} is not a corpus store (no X shape: {e!r})") from None
 
 
-def _reconsolidate(store: Path) -> None:
+def _zarr_target(store: Path | str):
+    """What zarr opens for a store: its path, or an object-storage store for ``s3://``."""
+    return storage.open_zarr_store(store, "a") if storage.is_remote(store) else str(store)
+
+
+def _reconsolidate(store: Path | str) -> None:
     """Refresh the store's consolidated metadata (anndata reads through it), if it has any.
-    zarr writes the root ``zarr.json`` atomically (temporary file + rename)."""
+    zarr writes the root ``zarr.json`` atomically (temporary file + rename; one PUT on S3)."""
     try:
-        root_meta = json.loads((store / "zarr.json").read_text())
+        root_meta = _zarr_json(store)
     except (OSError, ValueError):
         return
     if root_meta.get("consolidated_metadata") is None:
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr warns that v3 consolidation is not in the spec
-        zarr.consolidate_metadata(str(store))
+        zarr.consolidate_metadata(_zarr_target(store))
 
 
-def _visible(store: Path, key: str) -> bool:
+def _visible(store: Path | str, key: str) -> bool:
     """Whether anndata sees ``obsm/<key>``: listed in the store's consolidated metadata (or the
-    store has none). False only after a kill between a commit's rename and its
+    store has none). False only after a kill between a commit's rename (upload) and its
     re-consolidation."""
     try:
-        root_meta = json.loads((store / "zarr.json").read_text())
+        root_meta = _zarr_json(store)
     except (OSError, ValueError):
         return False
     cm = root_meta.get("consolidated_metadata")
     return cm is None or f"obsm/{key}" in (cm.get("metadata") or {})
 
 
-def _ensure_obsm(store: Path) -> None:
+def _ensure_obsm(store: Path | str) -> None:
     """Create ``obsm`` with anndata's dict encoding when a store has none."""
-    if not (store / "obsm" / "zarr.json").exists():
-        root = zarr.open_group(str(store), mode="a", use_consolidated=False)
+    if not storage.exists(storage.join(store, "obsm", "zarr.json")):
+        root = zarr.open_group(_zarr_target(store), mode="a", use_consolidated=False)
         root.create_group("obsm", attributes={"encoding-type": "dict",
                                               "encoding-version": "0.1.0"})
 
@@ -200,9 +225,9 @@ class EmbeddingWriter:
     def __init__(self, store_path: str | os.PathLike, key: str = DEFAULT_KEY,
                  n_rows: int | None = None, dim: int | None = None, dtype: str = "float32",
                  meta: dict[str, Any] | None = None, *, resume: bool = False):
-        self.store = Path(store_path)
+        self.store = storage.location(store_path)
         self.key = _check_key(key)
-        if not (self.store / "zarr.json").exists():
+        if not storage.exists(storage.join(self.store, "zarr.json")):
             raise EmbeddingError(f"{self.store} is not a zarr store")
         rows = _store_rows(self.store)
         if n_rows is None:
@@ -265,6 +290,7 @@ class EmbeddingWriter:
 
     def _create_partial(self) -> None:
         shutil.rmtree(self.partial, ignore_errors=True)
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
         attrs = {"encoding-type": "array", "encoding-version": "0.2.0",
                  EMBED_ATTR: self._manifest(0, False)}
         with warnings.catch_warnings(), zarrs_pipeline():
@@ -333,8 +359,29 @@ class EmbeddingWriter:
             self._flush()
         m = self._manifest(self.n_rows, True)
         m["created_at"] = m["updated_at"]
+        m["written_by"] = process_provenance()
         self._arr.attrs[EMBED_ATTR] = m  # complete, but still outside the store
         _ensure_obsm(self.store)
+        if storage.is_remote(self.store):
+            self._commit_remote()
+        else:
+            self._commit_local()
+        self._committed = True
+        self._arr = None
+        return m
+
+    def _commit_remote(self) -> None:
+        """Upload the partial array into ``obsm/<key>``, its ``zarr.json`` last (the commit
+        point: readers open the array through it). An older array is deleted first and the
+        metadata re-consolidated without it, so no reader ever sees old and new chunks mixed."""
+        if storage.exists(storage.join(self.final, "zarr.json")):
+            storage.delete_tree(self.final)
+            _reconsolidate(self.store)
+        storage.upload_dir_last(self.partial, str(self.final), "zarr.json")
+        _reconsolidate(self.store)
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+    def _commit_local(self) -> None:
         old = None
         if self.final.exists():
             old = self.store.parent / f".{self.store.name}.obsm-{self.key}.old-{uuid.uuid4().hex[:8]}"
@@ -343,9 +390,6 @@ class EmbeddingWriter:
         _reconsolidate(self.store)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        self._committed = True
-        self._arr = None
-        return m
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,8 +491,8 @@ def embedding_status(corpus_dir: str | os.PathLike, key: str = DEFAULT_KEY,
                      ) -> dict[str, dict[str, Any] | None]:
     """Store name -> the manifest of its complete embedding ``key`` (None: missing, partial,
     or not matching the store's cell count), for every store of the corpus manifest. Also
-    finishes a commit that was killed after its rename (re-consolidates that store; local
-    corpora only: a corpus in object storage is read as it is)."""
+    finishes a commit that was killed after its rename or upload (re-consolidates that
+    store)."""
     _check_key(key)
     m = load_manifest(corpus_dir, require_complete=False, options=options)
     out: dict[str, dict[str, Any] | None] = {}
@@ -457,7 +501,7 @@ def embedding_status(corpus_dir: str | os.PathLike, key: str = DEFAULT_KEY,
         meta = _read_manifest(sp, key, options)
         if meta is not None and s.n_cells is not None and int(meta["n_rows"]) != int(s.n_cells):
             meta = None
-        if meta is not None and isinstance(sp, Path) and not _visible(sp, key):
+        if meta is not None and not _visible(sp, key):
             with contextlib.suppress(OSError):  # finish a commit killed before its last step
                 _reconsolidate(sp)
         out[s.name] = meta
@@ -586,7 +630,7 @@ def _concat_obs(frames: list):
 
 def export_anndata(corpus_dir: str | os.PathLike, key: str, out_path: str | os.PathLike,
                    obsm_key: str = "X_state", with_X: bool = False,
-                   stores: Sequence[str] | None = None) -> Path:
+                   stores: Sequence[str] | None = None) -> Path | str:
     """Write the corpus's embeddings as one ``.h5ad`` for scanpy: ``obs`` from the stores (plus
     ``store`` and ``store_row`` columns, to find each cell in the corpus),
     ``obsm[obsm_key]`` = the embeddings, ``uns["vcc_dist_embedding"]`` = the manifest as JSON,
@@ -596,9 +640,11 @@ def export_anndata(corpus_dir: str | os.PathLike, key: str, out_path: str | os.P
     Memory: the concatenated obs of all chosen stores is held at once (tens of bytes per
     cell); embeddings and X are streamed store by store into the file (one store at a time).
     Obs names are the stores' cell names, suffixed ``-<store>`` for all cells when they
-    collide across stores. Written to a temporary name and renamed: a killed export leaves no
-    file that looks complete."""
-    corpus_dir, out_path = Path(corpus_dir), Path(out_path)
+    collide across stores. Written to a temporary name and renamed (or, for an ``s3://``
+    ``out_path``, written in scratch and uploaded whole): a killed export leaves no file that
+    looks complete. ``corpus_dir`` may be in object storage."""
+    corpus_dir, dest = storage.location(corpus_dir), storage.location(out_path)
+    out_path = (storage.scratch_dir(str(dest)) if storage.is_remote(dest) else Path(dest))
     if stores is not None and not list(stores):
         raise EmbeddingError("no stores to export")
     emb = CorpusEmbeddings(corpus_dir, key, stores=stores)
@@ -608,7 +654,7 @@ def export_anndata(corpus_dir: str | os.PathLike, key: str, out_path: str | os.P
 
     frames = []
     for i, n in zip(ids, names):
-        root = zarr.open_group(str(emb.store_paths[i]), mode="r")
+        root = zarr.open_group(storage.open_zarr_store(emb.store_paths[i], "r"), mode="r")
         obs = read_elem(root["obs"])
         obs["store"] = pd.Categorical([n] * len(obs), categories=names)
         obs["store_row"] = np.arange(len(obs), dtype=np.int64)
@@ -650,7 +696,8 @@ def export_anndata(corpus_dir: str | os.PathLike, key: str, out_path: str | os.P
                     ds[pos + a:pos + z] = np.asarray(arr[a:z], np.float32)
                 pos += arr.shape[0]
                 if with_X:
-                    x = read_elem(zarr.open_group(str(emb.store_paths[i]), mode="r")["X"])
+                    x = read_elem(zarr.open_group(storage.open_zarr_store(emb.store_paths[i], "r"),
+                                                  mode="r")["X"])
                     x = sp.csr_matrix((x.data.astype(np.float32), x.indices.astype(np.int32),
                                        x.indptr.astype(np.int64)), shape=x.shape)
                     if "X" in f:
@@ -658,8 +705,11 @@ def export_anndata(corpus_dir: str | os.PathLike, key: str, out_path: str | os.P
                     else:
                         write_elem(f, "X", x)
                     del x
-        os.replace(tmp, out_path)
+        if storage.is_remote(dest):
+            storage.upload_file(tmp, dest)
+        else:
+            os.replace(tmp, out_path)
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
-    return out_path
+    return dest

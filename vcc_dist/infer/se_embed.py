@@ -8,7 +8,8 @@ Each store is embedded by one Ray task (a GPU each when the cluster has GPUs): r
 order, read in blocks of raw counts, tokenised as in training but deterministically (no
 targets, no downsampled copies, ties broken by a fixed per-gene key: a cell's embedding does
 not depend on its batch), embedded in eval mode (no dropout), and streamed into the store
-through vcc_dist.data.embeddings.EmbeddingWriter: atomic per store, resumable after a kill
+through vcc_dist.data.embeddings.EmbeddingWriter (local or ``s3://`` corpora; each store's
+manifest records the node that wrote it): atomic per store, resumable after a kill
 (a rerun continues a partial store from its last flushed shard), and skipped when the store
 already holds a complete embedding made by the same checkpoint.
 
@@ -37,6 +38,7 @@ from vcc_dist.data.embeddings import EmbeddingWriter, embedding_status
 from vcc_dist.data.reader import CorpusReader
 from vcc_dist.data.se_tokens import SETokenizer, gene_map_for
 from vcc_dist.models.se import SEConfig, SEModel
+from vcc_dist.provenance import node_ids
 from vcc_dist.ray_utils import ensure_ray
 
 
@@ -125,9 +127,9 @@ def _embed_store(ck_path: str, which: str, corpus: str, store: int, key: str, ba
                                   blk.totals[a:z], gm, with_dataset, tokenizer=tok)
         w.write(start, out)
         start += rows.size
-    w.commit()
+    m = w.commit()
     return {"store": reader.store_names[store], "cells": n, "resumed_at": int(w.rows_done),
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "written_by": m["written_by"]}
 
 
 def embed_corpus(checkpoint: str | os.PathLike, corpus: str | os.PathLike, *, key: str = "X_se",
@@ -166,8 +168,10 @@ def embed_corpus(checkpoint: str | os.PathLike, corpus: str | os.PathLike, *, ke
     else:
         ensure_ray()
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        # SPREAD: stores go to every host of a cluster (a corpus in object storage is read
+        # from anywhere); a task lost with its host is retried elsewhere
         task = ray.remote(_embed_store).options(num_cpus=cpus_per_task, num_gpus=gpus,
-                                                max_retries=2)
+                                                max_retries=2, scheduling_strategy="SPREAD")
         threads = max(1, int(cpus_per_task))
         pending = [task.remote(ck, "best", str(corpus), i, *args, threads=threads) for i in todo]
         while pending:
@@ -181,6 +185,7 @@ def embed_corpus(checkpoint: str | os.PathLike, corpus: str | os.PathLike, *, ke
     wall = time.perf_counter() - t0
     return {"checkpoint": ck, "key": key, "embedded": [r["store"] for r in results],
             "skipped": skipped, "cells": cells, "seconds": wall,
+            "node_ids": node_ids([r["written_by"] for r in results]),
             "cells_per_s": cells / wall if cells else None,
             "dim": loaded.model.cfg.embed_dim if with_dataset else loaded.model.cfg.output_dim}
 

@@ -7,6 +7,10 @@ Shared by validation during training (vcc_dist.train.st) and ``jobs/predict.py``
   the first ``n`` predicted cells of its sets are the perturbation's cells.
 * :func:`run_sets` — many sets per forward pass (``sets_per_batch``), optionally split over
   ranks (every rank runs the same number of forward passes, as ZeRO-3 requires).
+* :func:`prepare_context` — draws every set of a context up front (seeded, in the
+  perturbations' order), so where the sets are then predicted (:func:`predict_set_range`: in
+  this process, or ranges of :func:`set_ranges` on Ray tasks of ``jobs/predict.py``) cannot
+  change a number of the result.
 * :class:`SubmissionWriter` — writes a challenge-format ``.h5ad`` block by block (CSR rows
   appended to the file), so a prediction never holds the whole matrix; written under a
   temporary name and renamed into place when complete.
@@ -17,7 +21,7 @@ from __future__ import annotations
 import os
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,7 +144,9 @@ class SubmissionWriter:
         self._ad = ad
 
     def append(self, rows) -> None:
-        x = sp.csr_matrix(rows, dtype=np.float32)
+        # a CSR block is copied: it is cleaned in place below, and may be read-only (one
+        # fetched from Ray's object store) or still the caller's
+        x = sp.csr_matrix(rows, dtype=np.float32, copy=sp.issparse(rows))
         if x.shape[1] != self.n_genes:
             raise ValueError(f"rows have {x.shape[1]} genes, the file {self.n_genes}")
         if self.done + x.shape[0] > self.n_rows:
@@ -156,10 +162,15 @@ class SubmissionWriter:
             self._x.append(x)
         self.done += x.shape[0]
 
-    def close(self) -> Path:
+    def close(self, uns: dict | None = None) -> Path:
+        """Finish the file (``uns``: e.g. provenance, known only once the rows are written)
+        and rename it into place."""
         if self.done != self.n_rows:
             self.abort()
             raise ValueError(f"{self.done} of {self.n_rows} rows written; the file was discarded")
+        if uns:
+            del self.f["uns"]
+            write_elem(self.f, "uns", uns)
         # the X group records the matrix shape; rows appended grew it
         self.f.close()
         os.replace(self.tmp, self.path)
@@ -227,17 +238,53 @@ def check_compatible(loaded: LoadedST, reader) -> None:
                          "with the training gene vocabulary")
 
 
-def predict_context(loaded: LoadedST, corpus: str | os.PathLike, context: str,
-                    counts: dict[str, int], out_path: str | os.PathLike, *,
-                    sets_per_batch: int = 32, max_set_controls: int = 8192,
-                    control_block: int = 4096, seed: int = 0, progress: bool = False) -> Path:
-    """Predict ``counts[p]`` cells of every perturbation ``p`` in ``context`` from that
-    context's control cells in ``corpus``, and write a challenge-format submission: the
-    predicted cells (perturbations in ``counts`` order), then the context's control cells.
+@dataclass
+class ContextInputs:
+    """What predicting a context's sets needs, as plain arrays: small enough to ship to Ray
+    tasks, and the same wherever the sets are predicted (the draws are made once, here)."""
 
-    Memory: at most ``max_set_controls`` control cells (sampled) are held to draw sets from;
-    predictions go to the file one forward pass at a time; the controls are appended to the
-    file in blocks of ``control_block`` cells."""
+    context: str
+    perts: list[str]              # in output order
+    counts: list[int]             # cells to predict per perturbation
+    controls: np.ndarray          # [n, G or D] model inputs (expression or SE embeddings)
+    control_batch: np.ndarray | None  # [n] batch index per control (batch-embedding models)
+    features: np.ndarray          # [P, D] features of ``perts`` in this context
+    sets: SetPlanOut
+
+    @property
+    def n_sets(self) -> int:
+        return int(self.sets.pert.size)
+
+
+@dataclass
+class PreparedContext:
+    """:class:`ContextInputs` plus where all of the context's control cells are (the
+    submission ends with them) and the submission's row labels."""
+
+    inputs: ContextInputs
+    reader: CorpusReader
+    control_st: np.ndarray        # store of every control cell of the context
+    control_rows: np.ndarray      # row in that store
+
+    @property
+    def labels(self) -> list[str]:
+        i = self.inputs
+        return ([p for p, n in zip(i.perts, i.counts) for _ in range(n)]
+                + [CONTROL_LABEL] * int(self.control_st.size))
+
+
+#: ``(model, inputs, sets_per_batch) -> predicted rows`` in set order (blocks of rows, dense or
+#: CSR): how a context's sets are predicted (in process, or spread over Ray tasks by a job)
+RowSource = Callable[[STModel, ContextInputs, int], Iterable[np.ndarray | sp.spmatrix]]
+
+
+def prepare_context(loaded: LoadedST, corpus: str | os.PathLike, context: str,
+                    counts: dict[str, int], *, max_set_controls: int = 8192,
+                    seed: int = 0) -> PreparedContext:
+    """Check the request, read the controls the sets are drawn from (at most
+    ``max_set_controls``, sampled with ``seed``) and draw every set (:func:`plan_sets`, seeded,
+    in ``counts`` order). All randomness is here, so where the sets are predicted cannot
+    change the result."""
     man = loaded.manifest
     if context not in loaded.contexts:
         raise ValueError(f"context {context!r} is not one the model knows: {loaded.contexts}")
@@ -253,7 +300,7 @@ def predict_context(loaded: LoadedST, corpus: str | os.PathLike, context: str,
                 f"{len(reused)} of the perturbations to predict in {context!r} (e.g. "
                 f"{reused[:5]}) are validation perturbations of this checkpoint: its selection "
                 "and its validation metrics saw them, so scores on them are optimistic; predict "
-                "perturbations disjoint from the split's validation set", stacklevel=2)
+                "perturbations disjoint from the split's validation set", stacklevel=3)
     norm = man.normalization
     reader = CorpusReader(corpus, genes=loaded.genes, target_sum=norm["target_sum"])
     check_compatible(loaded, reader)
@@ -276,23 +323,73 @@ def predict_context(loaded: LoadedST, corpus: str | os.PathLike, context: str,
                   if loaded.model.cfg.n_batches else None)
     S = int(man.model_config["cell_set_len"])
     perts = list(counts)
+    n = [int(counts[p]) for p in perts]
     pidx = np.array([loaded.perturbations.index(p) for p in perts], np.int64)
-    feats = loaded.features[ci, pidx]
-    sp_plan = plan_sets([counts[p] for p in perts], ctrl.shape[0], S, seed=seed)
-    forward = make_forward(loaded.model)
-    labels = [p for p in perts for _ in range(counts[p])] + [CONTROL_LABEL] * pool.n
-    with SubmissionWriter(out_path, labels, loaded.genes) as w:
-        bar = tqdm(total=sp_plan.pert.size, desc=f"predict {context}", unit="set",
+    inputs = ContextInputs(context, perts, n, ctrl, ctrl_batch, loaded.features[ci, pidx],
+                           plan_sets(n, ctrl.shape[0], S, seed=seed))
+    return PreparedContext(inputs, reader, all_st, all_rw)
+
+
+def set_ranges(n_sets: int, sets_per_batch: int, parts: int) -> list[tuple[int, int]]:
+    """At most ``parts`` contiguous ranges ``[start, stop)`` of sets, as even as whole forward
+    passes allow. Cut only between forward passes, each range's passes hold exactly the sets of
+    the in-process run's passes, so its predictions are the same numbers."""
+    n_batches = -(-n_sets // sets_per_batch)
+    cuts = np.array_split(np.arange(n_batches), max(1, min(parts, n_batches)))
+    return [(int(c[0]) * sets_per_batch, min(int(c[-1] + 1) * sets_per_batch, n_sets))
+            for c in cuts if c.size]
+
+
+def predict_set_range(model: STModel, inputs: ContextInputs, start: int, stop: int, *,
+                      sets_per_batch: int) -> Iterator[np.ndarray]:
+    """Predicted cells of sets ``[start, stop)`` in set order (``start`` on a forward-pass
+    boundary, see :func:`set_ranges`); what one Ray task of a spread prediction runs."""
+    s = inputs.sets
+    sub = SetPlanOut(s.pert[start:stop], s.ctrl[start:stop], s.take[start:stop])
+    for _, pred in run_sets(make_forward(model), sub, inputs.controls, inputs.features,
+                            sets_per_batch=sets_per_batch, batch_index=inputs.control_batch):
+        yield pred
+
+
+def predict_in_process(model: STModel, inputs: ContextInputs,
+                       sets_per_batch: int) -> Iterator[np.ndarray]:
+    """The default :data:`RowSource`: every set in this process."""
+    return predict_set_range(model, inputs, 0, inputs.n_sets, sets_per_batch=sets_per_batch)
+
+
+def predict_context(loaded: LoadedST, corpus: str | os.PathLike, context: str,
+                    counts: dict[str, int], out_path: str | os.PathLike, *,
+                    sets_per_batch: int = 32, max_set_controls: int = 8192,
+                    control_block: int = 4096, seed: int = 0, progress: bool = False,
+                    rows: RowSource | None = None,
+                    uns: Callable[[], dict] | None = None) -> Path:
+    """Predict ``counts[p]`` cells of every perturbation ``p`` in ``context`` from that
+    context's control cells in ``corpus``, and write a challenge-format submission: the
+    predicted cells (perturbations in ``counts`` order), then the context's control cells.
+
+    ``rows`` predicts the sets (default :func:`predict_in_process`; jobs/predict.py spreads
+    them over Ray tasks): the sets are drawn beforehand (:func:`prepare_context`), so the file
+    does not depend on it. ``uns`` is called once the rows are written (a spread prediction
+    knows its nodes only then); its dict becomes the file's ``uns`` (provenance).
+
+    Memory: at most ``max_set_controls`` control cells (sampled) are held to draw sets from;
+    predictions go to the file block by block; the controls are appended to the file in
+    blocks of ``control_block`` cells."""
+    prep = prepare_context(loaded, corpus, context, counts, max_set_controls=max_set_controls,
+                           seed=seed)
+    source = rows or predict_in_process
+    reader, all_st, all_rw = prep.reader, prep.control_st, prep.control_rows
+    with SubmissionWriter(out_path, prep.labels, loaded.genes) as w:
+        bar = tqdm(total=sum(prep.inputs.counts), desc=f"predict {context}", unit="cell",
                    disable=not progress)
-        for _, pred in run_sets(forward, sp_plan, ctrl, feats, sets_per_batch=sets_per_batch,
-                                batch_index=ctrl_batch):
-            w.append(pred)
-            bar.update(1)
+        for block in source(loaded.model, prep.inputs, sets_per_batch):
+            w.append(block)
+            bar.update(block.shape[0])
         bar.close()
-        for a in range(0, pool.n, control_block):
+        for a in range(0, all_st.size, control_block):
             w.append(reader.dense(reader.read_many(all_st[a:a + control_block],
                                                    all_rw[a:a + control_block], normalize=True)))
-        return w.close()
+        return w.close(uns=uns() if uns is not None else None)
 
 
 def control_batches(reader, labels, st: np.ndarray, rows: np.ndarray,

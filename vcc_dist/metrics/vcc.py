@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -48,6 +50,11 @@ METRICS = (DES, MAE, PDS)
 #: metrics where lower is better (cell-eval's best_value ZERO); the others are ONE
 _BEST_ZERO = {MAE}
 SUMMARY_VERSION = 1
+
+#: ``(fn, shared, chunks) -> [fn(shared, chunk) for chunk in chunks]`` run as parallel tasks
+#: (default vcc_dist.ray_utils.ray_map); a job passes its own to choose the tasks' placement
+#: and record where they ran (jobs/evaluate.py)
+ChunkMap = Callable[[Callable[..., Any], Any, Sequence[Any]], list[Any]]
 
 
 class EvaluationError(ValueError):
@@ -138,12 +145,13 @@ def _de_chunk(shared, rows_by_target):
 
 def summarize(adata, *, pert_col: str = PERT_KEY, control_label: str = CONTROL_LABEL,
               what: str = "file", num_workers: int | None = None,
-              progress: bool = False) -> FileSummary:
+              progress: bool = False, map_chunks: ChunkMap | None = None) -> FileSummary:
     """Reduce an AnnData (or .h5ad path) to a ``FileSummary``.
 
     Integer-valued X is median-normalised and log1p-transformed (per file, as cell-eval);
     float X is taken as log1p expression. ``num_workers > 1`` splits the perturbations over
-    Ray tasks (the cluster Ray is connected to, or a local one); results do not depend on it.
+    Ray tasks (the cluster Ray is connected to, or a local one) through ``map_chunks``
+    (default vcc_dist.ray_utils.ray_map); results do not depend on either.
     """
     owned = False
     if isinstance(adata, (str, Path)):
@@ -174,8 +182,8 @@ def summarize(adata, *, pert_col: str = PERT_KEY, control_label: str = CONTROL_L
     rows = {p: order[bounds[i]:bounds[i + 1]] for i, p in enumerate(perts)}  # ascending
     control_rows = rows.pop(control_label)
     targets = [p for p in perts if p != control_label]
-    lfc, pv, bulk, ctrl_bulk = _run_de(x, control_rows, {p: rows[p] for p in targets}, num_workers, progress,
-                      what)
+    lfc, pv, bulk, ctrl_bulk = _run_de(x, control_rows, {p: rows[p] for p in targets},
+                                       num_workers, progress, what, map_chunks)
     return FileSummary(genes=np.asarray(adata.var_names, dtype=object),
                        perts=np.asarray(targets, dtype=object),
                        n_cells=np.array([len(rows[p]) for p in targets], np.int64),
@@ -184,13 +192,13 @@ def summarize(adata, *, pert_col: str = PERT_KEY, control_label: str = CONTROL_L
                        was_counts=check.is_counts)
 
 
-def _run_de(x, control_rows, rows_by_target, num_workers, progress, what):
+def _run_de(x, control_rows, rows_by_target, num_workers, progress, what, map_chunks=None):
     n = len(rows_by_target)
     if n == 0:
         return np.zeros((0, x.shape[1])), np.zeros((0, x.shape[1])), \
             np.zeros((0, x.shape[1]), x.dtype), pseudobulk(x[control_rows])
     if num_workers and num_workers > 1 and n > 1:
-        return _run_de_ray(x, control_rows, rows_by_target, num_workers)
+        return _run_de_ray(x, control_rows, rows_by_target, num_workers, map_chunks)
     bar = None
     if progress:
         bar = tqdm(total=n, desc=f"DE {what}", unit="pert")
@@ -202,15 +210,17 @@ def _run_de(x, control_rows, rows_by_target, num_workers, progress, what):
     return de.lfc, de.pvalue, de.pseudobulk, de.control_pseudobulk
 
 
-def _run_de_ray(x, control_rows, rows_by_target, num_workers):
-    # Ray is the optional parallel path: metrics only calls the project's one Ray helper, and
-    # only here, so importing (and unit-testing) the metrics never loads Ray
-    from vcc_dist.ray_utils import ray_map
+def _run_de_ray(x, control_rows, rows_by_target, num_workers, map_chunks=None):
+    if map_chunks is None:
+        # Ray is the optional parallel path: metrics only calls the project's one Ray helper,
+        # and only here, so importing (and unit-testing) the metrics never loads Ray
+        from vcc_dist.ray_utils import ray_map
 
+        map_chunks = ray_map
     names = list(rows_by_target)
     chunks = [names[i::num_workers] for i in range(min(num_workers, len(names)))]
-    parts = ray_map(_de_chunk, (x, control_rows),
-                    [{p: rows_by_target[p] for p in c} for c in chunks])
+    parts = map_chunks(_de_chunk, (x, control_rows),
+                       [{p: rows_by_target[p] for p in c} for c in chunks])
     pos = {p: i for i, p in enumerate(names)}
     lfc = np.empty((len(names), x.shape[1]))
     pv = np.empty_like(lfc)
@@ -325,10 +335,15 @@ class Evaluation:
     baseline_results: pd.DataFrame | None = None
     baseline_agg: dict[str, float] | None = None
     scores: dict[str, float] | None = None
+    #: the Ray nodes that computed the summaries (provenance; None = not recorded)
+    node_ids: list[str] | None = None
 
     def to_json(self) -> dict:
-        return {"agg": self.agg, "baseline_agg": self.baseline_agg, "score": self.scores,
-                "n_perturbations": len(self.results)}
+        d = {"agg": self.agg, "baseline_agg": self.baseline_agg, "score": self.scores,
+             "n_perturbations": len(self.results)}
+        if self.node_ids is not None:
+            d["node_ids"] = list(self.node_ids)
+        return d
 
 
 def load_agg(path: str | Path) -> dict[str, float]:
@@ -362,12 +377,13 @@ def _as_summary(x, what, **kw) -> FileSummary:
 def evaluate(real, pred, baseline=None, *, baseline_agg: dict | str | Path | None = None,
              pert_col: str = PERT_KEY,
              control_label: str = CONTROL_LABEL, fdr_scope: str = "perturbation",
-             num_workers: int | None = None, progress: bool = False) -> Evaluation:
+             num_workers: int | None = None, progress: bool = False,
+             map_chunks: ChunkMap | None = None) -> Evaluation:
     """Score ``pred`` against ``real`` (each an AnnData, .h5ad path, FileSummary or saved
     summary .npz); with ``baseline`` (same kinds) or ``baseline_agg`` (a baseline's aggregate
     metrics: dict, agg_results.json or cell-eval agg_results.csv) also the overall score."""
     kw = dict(pert_col=pert_col, control_label=control_label, num_workers=num_workers,
-              progress=progress)
+              progress=progress, map_chunks=map_chunks)
     real_s = _as_summary(real, "real", **kw)
     pred_s = _as_summary(pred, "pred", **kw)
     res = compare(real_s, pred_s, fdr_scope=fdr_scope)
@@ -385,8 +401,10 @@ def evaluate(real, pred, baseline=None, *, baseline_agg: dict | str | Path | Non
 
 
 def write_evaluation(ev: Evaluation, out_dir: str | Path, plot: bool = True) -> dict[str, Path]:
-    """results.csv (per perturbation), agg_results.json, score.json / baseline_diff.csv (with
-    a baseline) and per_perturbation.png. Each file is written to a temp name and renamed."""
+    """results.csv (per perturbation), baseline_diff.csv (with a baseline),
+    per_perturbation.png, then agg_results.json: last, so that its presence means the others
+    are complete. Each file is written to a temp name and renamed; the returned paths are in
+    that order."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -403,12 +421,12 @@ def write_evaluation(ev: Evaluation, out_dir: str | Path, plot: bool = True) -> 
         b = ev.baseline_results.set_index("perturbation")[list(METRICS)]
         res = res.join(b.add_prefix("baseline_"), on="perturbation")
     _write("results.csv", res.to_csv(index=False))
-    _write("agg_results.json", json.dumps(ev.to_json(), indent=2) + "\n")
     if ev.scores is not None:
         rows = "".join(f"{k},{v!r}\n" for k, v in ev.scores.items())
         _write("baseline_diff.csv", "metric,from_baseline\n" + rows)
     if plot:
         paths["per_perturbation.png"] = plot_per_perturbation(ev, out / "per_perturbation.png")
+    _write("agg_results.json", json.dumps(ev.to_json(), indent=2) + "\n")
     return paths
 
 
