@@ -30,6 +30,16 @@ without tracing; memory is the tracemalloc peak of the same call repeated with t
    finished store (the "one per store" columns: that quadratic cost), and now saves it at most
    once a second and within 5% of the driver's time (data_conversion.convert.ManifestSaver).
 
+3. **Input scanning modes** (``--scan-files``, ``--scan-wide-files``): ``plan_corpus`` over the
+   same tiny (and 36,601-gene) inputs by each ``--scan-modes`` mode, in its own child:
+   ``legacy`` (the planning before parallel scans and gene-space interning, rebuilt from the
+   public parts: a serial loop keeping every input's gene arrays and its own gene map),
+   ``serial``, ``threads`` and ``ray`` (``plan_corpus(cfg, scan=...)``; ``ray`` starts a local
+   Ray with every CPU in the child first and warms its workers on 64 inputs, both timed apart;
+   the other modes plan 16 inputs first, untimed).
+   Driver memory: tracemalloc sees the driver's Python and numpy allocations, not arrays Ray
+   hands over zero-copy from its object store; the child's peak RSS covers those.
+
 Not measured here (they need a Ray run of the streams): time to first batch and read-task
 memory; see ``benchmarks/loader.py`` and benchmarks/RESULTS.md ("Read-task memory").
 
@@ -39,8 +49,8 @@ memory; see ``benchmarks/loader.py`` and benchmarks/RESULTS.md ("Read-task memor
     python benchmarks/scale.py --report-only                         # redraw .md and .png
 
 Results: ``benchmarks/results/scale.json`` (raw), ``scale.md`` (tables, commands, growth
-exponents) and ``scale.png`` (log-log curves). Run it under ``nice`` on a shared machine; it
-never starts Ray.
+exponents) and ``scale.png`` (log-log curves). Run it under ``nice`` on a shared machine; only
+the ``ray`` scan mode starts (a local) Ray.
 """
 
 from __future__ import annotations
@@ -273,14 +283,13 @@ PROFILED = ("plan_corpus", "expand_inputs", "_store_names", "__init__", "_pertur
 
 def child_files(paths_file: str, workdir: str, detail: bool = True) -> dict:
     from data_conversion.convert import ConvertConfig, plan_corpus
-    from vcc_dist.data.corpus import CorpusManifest
 
     paths = json.loads(Path(paths_file).read_text())
     cfg = ConvertConfig(inputs=tuple(paths), out=str(Path(workdir) / "unused_corpus"),
                         progress=False)
     r: dict[str, Any] = {"files": len(paths)}
     (manifest, tasks), r["plan_corpus_s"], r["plan_corpus_peak_mb"] = measure(
-        lambda: plan_corpus(cfg), detail)
+        lambda: plan_corpus(cfg, scan="serial"), detail)
     r["stores"] = len(tasks)
     r["vocabulary_genes"] = len(manifest.genes)
     r["tasks_pickle_bytes"] = len(pickle.dumps(tasks, protocol=5))
@@ -291,7 +300,7 @@ def child_files(paths_file: str, workdir: str, detail: bool = True) -> dict:
     # breakdown: one cProfile'd run, cumulative seconds of the planning steps
     prof = cProfile.Profile()
     prof.enable()
-    plan_corpus(cfg)
+    plan_corpus(cfg, scan="serial")
     prof.disable()
     st = pstats.Stats(prof)
     br: dict[str, float] = {}
@@ -302,6 +311,71 @@ def child_files(paths_file: str, workdir: str, detail: bool = True) -> dict:
             key = "H5adSource.__init__" if fn == "__init__" else fn
             br[key] = br.get(key, 0.0) + ct
     r["profile_cumulative_s"] = br
+    r["peak_rss_mb"] = peak_rss_mb()
+    return r
+
+
+def legacy_plan(cfg) -> tuple[Any, list]:
+    """``plan_corpus`` as it was before parallel scans and gene-space interning (the "before"
+    of the scan-mode series), from public parts: inputs scanned in a loop, every input keeping
+    its own gene arrays (``GeneSpace`` without a key) and its own gene map until the tasks
+    exist. Same plan; the per-input scan is today's (it also hashes the gene space)."""
+    from data_conversion import convert
+    from data_conversion.vocab import GeneSpace, build_vocabulary
+    from vcc_dist.data.corpus import CorpusManifest, StoreEntry
+
+    paths = convert.expand_inputs(cfg.inputs)
+    names = getattr(convert, "_store_names")(paths)  # private: not imported (as child_names)
+    scans, spaces = [], []
+    for p in paths:
+        scan, symbols, gene_ids = convert.scan_input(p, cfg)
+        scans.append(scan)
+        spaces.append(GeneSpace(p, symbols, gene_ids))
+    convert.check_control_summaries(paths, [s.controls for s in scans],
+                                    [s.obs_columns for s in scans], cfg)
+    vocab, maps, reports = build_vocabulary(spaces, cfg.genes_file, cfg.gene_conflicts)
+    convert.check_gene_coverage(paths, reports, len(vocab), cfg)
+    tasks = []
+    for p, name, m, rep, s in zip(paths, names, maps, reports, scans):
+        size, checksum = s.fingerprint
+        e = StoreEntry(name=name, source=p, source_rows=[0, s.n_obs], source_size=size,
+                       source_checksum=checksum, coverage=rep)
+        tasks.append(convert.StoreTask(e, m, s.obs_columns))
+    manifest = CorpusManifest(genes=vocab.symbols, gene_ids=vocab.gene_ids,
+                              stores=[t.entry for t in tasks], options=cfg.stored_options())
+    return manifest, tasks
+
+
+def child_scan(paths_file: str, workdir: str, mode: str, detail: bool = True) -> dict:
+    """``plan_corpus`` over the inputs by one scan mode (``legacy``: ``legacy_plan``)."""
+    from data_conversion.convert import ConvertConfig, plan_corpus
+
+    paths = json.loads(Path(paths_file).read_text())
+    cfg = ConvertConfig(inputs=tuple(paths), out=str(Path(workdir) / "unused_corpus"),
+                        progress=False)
+    r: dict[str, Any] = {"files": len(paths), "mode": mode}
+    if mode == "ray":
+        import ray
+
+        t0 = time.perf_counter()
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                 log_to_driver=False)
+        r["ray_init_s"] = time.perf_counter() - t0
+        warm = ConvertConfig(inputs=tuple(paths[:64]), out=cfg.out, progress=False)
+        t0 = time.perf_counter()
+        plan_corpus(warm, scan="ray")  # worker processes started and their imports done
+        r["ray_warmup_s"] = time.perf_counter() - t0
+    def plan(c: ConvertConfig) -> tuple[Any, list]:
+        return legacy_plan(c) if mode == "legacy" else plan_corpus(c, scan=mode)
+
+    if mode != "ray":  # one-time costs (lazy imports, first HDF5 opens) out of the timing
+        plan(ConvertConfig(inputs=tuple(paths[:16]), out=cfg.out, progress=False))
+    (manifest, tasks), r["plan_corpus_s"], r["plan_corpus_peak_mb"] = measure(
+        lambda: plan(cfg), detail)
+    r["stores"] = len(tasks)
+    r["vocabulary_genes"] = len(manifest.genes)
+    r["distinct_gene_maps"] = len({id(t.gene_map) for t in tasks})
+    r["tasks_pickle_bytes"] = len(pickle.dumps(tasks, protocol=5))
     r["peak_rss_mb"] = peak_rss_mb()
     return r
 
@@ -419,6 +493,56 @@ def exponent_lines(rows: list[dict], xkey: str, fitted: dict[str, float | None])
     return out
 
 
+def scan_section(rows: list[dict], commands: list[str], what: str,
+                 notes: list[str]) -> list[str]:
+    """One table: per input count, each scan mode's plan_corpus time, driver memory, child
+    RSS and distinct gene maps; then ``notes`` (written into the record by hand: what the
+    run's circumstances were)."""
+    g = rows[0]["genes_per_file"]
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    sizes = list(dict.fromkeys(r["files"] for r in rows))
+    at = {(r["files"], r["mode"]): r for r in rows}
+    lines = [f"## Input scanning by mode: {what} (10 cells x {g:,} genes each, one gene space)",
+             "", "Commands:", "", *[f"    {c}" for c in commands], "",
+             ("`legacy`: planning before parallel scans and gene-space interning (a serial "
+              "loop keeping every input's gene arrays and own gene map; `benchmarks/scale.py` "
+              "`legacy_plan`); `serial`, `threads`, `ray`: `plan_corpus(cfg, scan=...)`. MB: "
+              "tracemalloc peak of the driver (nan: not traced at that size; Ray's zero-copy "
+              "arrays are not seen, the RSS column is). Ray: a local Ray on this machine's "
+              "CPUs, started and warmed up before the timed call (init + warm-up seconds "
+              "apart); the other modes are warmed up on 16 inputs."), ""]
+    cols = [("plan_corpus_s", "s", "{:.2f}"), ("plan_corpus_peak_mb", "MB", "{:.1f}"),
+            ("peak_rss_mb", "RSS MB", "{:,.0f}"), ("distinct_gene_maps", "maps", "{:,}")]
+    head = ["input files"] + [f"{m} {c[1]}" for c in cols for m in modes]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for n in sizes:
+        cells = [f"{n:,}"]
+        for key, _, fmt in cols:
+            for m in modes:
+                r = at.get((n, m))
+                cells.append(fmt.format(r[key]) if r and key in r else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    ray_rows = [r for r in rows if r["mode"] == "ray"]
+    if ray_rows:
+        lines += ["Ray start-up (not in the times above): " + ", ".join(
+            f"{r['files']:,} files: init {r['ray_init_s']:.1f} s + warm-up "
+            f"{r['ray_warmup_s']:.1f} s" for r in ray_rows) + ".", ""]
+    for m in modes:
+        pts = [at[(n, m)] for n in sizes if (n, m) in at]
+        k = slope([r["files"] for r in pts], [r["plan_corpus_s"] for r in pts])
+        if len(pts) >= 2:
+            per = ((pts[-1]["plan_corpus_s"] - pts[0]["plan_corpus_s"])
+                   / (pts[-1]["files"] - pts[0]["files"]))
+            lines.append(f"- `{m}`: {per * 1e3:.2f} ms per additional input (exponent "
+                         f"{k:.2f}); projected at 60,000 inputs: "
+                         f"{pts[-1]['plan_corpus_s'] + per * (60_000 - pts[-1]['files']):,.0f} s")
+    lines.append("")
+    if notes:
+        lines += [*notes, ""]
+    return lines
+
+
 def write_report(res: dict, md: Path, png: Path) -> None:
     lines = [f"# Driver-side costs against data size ({res['date']})", "",
              "Commands (the second adds its series to the first's record):", "",
@@ -467,6 +591,11 @@ def write_report(res: dict, md: Path, png: Path) -> None:
                       f"the tasks exist, {pf['tasks_pickle_bytes'] / 1e6:.2f} MB of pickled "
                       "store task (its gene map)."]
         lines.append("")
+    for key, what in (("scan_files", "tiny input files"),
+                      ("scan_wide_files", "wide input files")):
+        if res.get(key):
+            lines += scan_section(res[key], res.get(key + "_commands", []), what,
+                                  res.get(key + "_notes", []))
     if res.get("names"):
         lines += ["## Store naming alone (`data_conversion.convert._store_names`)", ""]
         lines += table(res["names"], NAME_COLS)
@@ -567,6 +696,14 @@ def main(argv: list[str] | None = None) -> None:
                          "per input file during planning)")
     ap.add_argument("--wide-genes", type=int, default=36_601,
                     help="genes per wide input file (36,601: scBaseCount's STARsolo genes)")
+    ap.add_argument("--scan-files", type=int, nargs="*", default=[1_000, 3_000, 10_000],
+                    help="numbers of tiny input files planned by each --scan-modes mode")
+    ap.add_argument("--scan-wide-files", type=int, nargs="*", default=[20, 60],
+                    help="numbers of --wide-genes input files planned by each --scan-modes mode")
+    ap.add_argument("--scan-modes", nargs="*", default=["legacy", "serial", "ray"],
+                    choices=["legacy", "serial", "threads", "ray"],
+                    help="input scanning modes compared (legacy: before parallel scans and "
+                         "gene-space interning)")
     ap.add_argument("--update", action="store_true",
                     help="add the series asked for to an existing --out record (pass empty "
                          "lists, e.g. `--cells --files`, for the series to keep)")
@@ -578,6 +715,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--child-files", help=argparse.SUPPRESS)
     ap.add_argument("--child-names", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-manifest", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--child-scan", help=argparse.SUPPRESS)
+    ap.add_argument("--child-mode", help=argparse.SUPPRESS)
     ap.add_argument("--child-detail", type=int, default=1, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child_corpus:
@@ -585,6 +724,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.child_files:
         print(json.dumps(child_files(a.child_files, a.workdir, bool(a.child_detail))))
+        return
+    if a.child_scan:
+        print(json.dumps(child_scan(a.child_scan, a.workdir, a.child_mode,
+                                    bool(a.child_detail))))
         return
     if a.child_names:
         print(json.dumps(child_names(a.child_names)))
@@ -595,6 +738,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.quick:
         a.cells, a.files, a.small_stores = [1e5, 3e5], [100, 300], [10, 30]
         a.names, a.manifests, a.wide_files = [300, 1000], [100, 1000], [5, 10]
+        a.scan_files, a.scan_wide_files = [100, 300], [5, 10]
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     out = Path(a.out) if a.out else RESULTS / "scale.json"
@@ -670,6 +814,26 @@ def main(argv: list[str] | None = None) -> None:
     if a.files:
         res["files_exponents"] = exponents(res["files"], "files",
                                            [c[0] for c in FILE_COLS if c[0] != "files"])
+    for key, sizes, genes in (("scan_files", a.scan_files, 20),
+                              ("scan_wide_files", a.scan_wide_files, a.wide_genes)):
+        if not sizes:
+            continue
+        # --update adds rows (a new size or mode replaces only its own row)
+        new_keys = {(n, m) for n in sizes for m in a.scan_modes}
+        rows = [r for r in res.get(key, []) if (r["files"], r["mode"]) not in new_keys]
+        res[key] = rows
+        for n in sizes:
+            paths = write_tiny_inputs(work, n, n_genes=genes)
+            pf = work / f"paths_g{genes}_{n}.json"
+            pf.write_text(json.dumps(paths))
+            for mode in a.scan_modes:
+                r = run_child(["--child-scan", str(pf), "--child-mode", mode, "--workdir",
+                               str(work), "--child-detail", str(int(n <= a.detail_max))])
+                r["genes_per_file"] = genes
+                print(json.dumps(r), flush=True)
+                res[key].append(r)
+        res[key].sort(key=lambda r: r["files"])
+        res[key + "_commands"] = res.get(key + "_commands", []) + [command]
     if a.names:
         res["names"] = []
     for n in a.names:

@@ -3,7 +3,11 @@
 On the driver, planning reads every input's metadata and perturbation column: an input
 without control cells (usually a wrong ``--control-label``) is an error, and each input's gene
 coverage of the vocabulary is printed, warned about below ``--min-gene-coverage`` and recorded
-per store in corpus.json.
+per store in corpus.json. Many inputs are scanned in batches in Ray tasks spread over the
+cluster when the conversion runs under Ray (threads for s3:// inputs otherwise), with the same
+result and the same first error as a serial scan; inputs with identical gene spaces share one
+copy of its genes and one gene map, so the driver's memory grows with the distinct gene spaces
+(scBaseCount: a handful), not the files (``plan_corpus``; benchmarks/results/scale.md).
 
 Per store (one input file, or a row range of a large one), in a Ray task:
 
@@ -43,18 +47,20 @@ input file's size. Scratch disk: about 4 bytes per non-zero of the store, delete
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import os
+import pickle
 import re
 import resource
 import shutil
-import socket
 import sys
 import tempfile
 import time
 import uuid
 import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,11 +74,12 @@ from vcc_dist import constants as K
 from vcc_dist import storage
 from vcc_dist.data.corpus import (CorpusManifest, GeneAccumulator, StoreEntry, load_manifest,
                                   store_path)
+from vcc_dist.provenance import process_provenance
 
 from .source import (ConversionError, ConversionWarning, H5adSource, file_fingerprint,
                      gather_rows)
-from .store_writer import CSRStoreWriter, StoreLayout, choose_layout
-from .vocab import GeneSpace, build_vocabulary
+from .store_writer import CSRStoreWriter, choose_layout
+from .vocab import GeneSpace, build_vocabulary, gene_space_key
 
 #: obs columns of a corpus store and whether an input must have them (after --obs-map/--obs-fill)
 OBS_KEYS = K.CORPUS_OBS_KEYS
@@ -288,16 +295,41 @@ def _control_hint(counts: pd.Series) -> tuple[str, str | None]:
     return "; ".join(parts), (like[0] if like else None)
 
 
+@dataclass(frozen=True)
+class ControlSummary:
+    """What ``check_controls`` needs of an input's perturbation counts (computed where the
+    input is scanned, so the driver keeps a few fields per input, not its label counts)."""
+
+    n_controls: int  # cells labelled cfg.control_label
+    hint: str = ""  # _control_hint's text, for an input without control cells
+    guess: str | None = None  # its first label that looks like a control
+
+
+def control_summary(counts: pd.Series, cfg: ConvertConfig) -> ControlSummary:
+    n = int(counts.get(cfg.control_label, 0))
+    if n > 0:
+        return ControlSummary(n)
+    hint, guess = _control_hint(counts)
+    return ControlSummary(n, hint, guess)
+
+
 def check_controls(paths: list[str], pert_counts: list[pd.Series],
                    obs_cols: list[dict[str, str | None]], cfg: ConvertConfig) -> None:
     """An input without cells labelled ``cfg.control_label`` is an error (or, with
     ``allow_missing_controls``, a warning), naming --control-label and the labels it has that
     look like controls; a label found in no input at all is a warning."""
+    check_control_summaries(paths, [control_summary(c, cfg) for c in pert_counts], obs_cols,
+                            cfg)
+
+
+def check_control_summaries(paths: list[str], summaries: list[ControlSummary],
+                            obs_cols: list[dict[str, str | None]], cfg: ConvertConfig) -> None:
+    """``check_controls`` from each input's ``ControlSummary``."""
     lines, guess = [], None
-    for p, counts, oc in zip(paths, pert_counts, obs_cols):
-        if int(counts.get(cfg.control_label, 0)) > 0:
+    for p, c, oc in zip(paths, summaries, obs_cols):
+        if c.n_controls > 0:
             continue
-        hint, g = _control_hint(counts)
+        hint, g = c.hint, c.guess
         guess = guess or g
         col = oc[K.PERT_KEY] or f"--obs-fill {K.PERT_KEY}"
         lines.append(f"  {p} (column {col!r}): {hint}")
@@ -373,32 +405,228 @@ class StoreTask:
     obs_columns: dict[str, str | None]
 
 
-def plan_corpus(cfg: ConvertConfig) -> tuple[CorpusManifest, list[StoreTask]]:
+#: planning scans up to this many inputs serially; more in parallel (Ray tasks, or threads for
+#: s3:// inputs)
+SCAN_PARALLEL_MIN_INPUTS = 8
+#: inputs per Ray scan task at most: the task's overhead (a few ms) stays small against the
+#: ~7-140 ms an input takes (benchmarks/results/scale.md)
+SCAN_BATCH_INPUTS = 64
+#: Ray scan tasks aimed for per cluster CPU (smaller batches for fewer inputs: all CPUs busy)
+SCAN_TASKS_PER_CPU = 4
+#: threads scanning s3:// inputs (latency-bound; local inputs are CPU-bound in h5py, anndata
+#: and pandas under the GIL: threads were slower than a loop, 3.5-4.4 s vs 3.3 s for 500)
+SCAN_THREADS = 16
+SCAN_MODES = ("auto", "serial", "threads", "ray")
+
+
+@dataclass(slots=True)
+class InputScan:
+    """What planning keeps of one input: a few fields, so the driver holds O(1) per input; its
+    gene arrays are held once per distinct gene space (``space_key``)."""
+
+    obs_columns: dict[str, str | None]
+    n_obs: int
+    controls: ControlSummary
+    space_key: str
+    #: (size, checksum), or the error file_fingerprint raised (raised where the serial
+    #: planning raised it: after the vocabulary)
+    fingerprint: tuple[int, str] | Exception
+
+
+#: gene space key -> (symbols, gene ids)
+SpaceArrays = dict[str, tuple[np.ndarray, np.ndarray | None]]
+
+
+@dataclass
+class ScanBatch:
+    """Scans of consecutive inputs, up to the first that failed (``error``; later inputs of
+    the batch are not scanned: an earlier failure is the one reported), and the distinct gene
+    spaces among them."""
+
+    scans: list[InputScan]
+    error: Exception | None
+    spaces: SpaceArrays
+
+
+def scan_input(path: str, cfg: ConvertConfig) -> tuple[InputScan, np.ndarray, np.ndarray | None]:
+    """One input's planning metadata (obs columns, cells, control cells, gene space key,
+    fingerprint) and its gene arrays. Raises what planning reports for a bad input."""
+    with H5adSource(path, cfg.matrix, cfg.symbol_column, cfg.gene_id_column) as src:
+        obs_columns = _resolve_obs_columns(src, cfg)
+        symbols, gene_ids, n_obs = src.symbols, src.gene_ids, src.n_obs
+        controls = control_summary(_perturbation_counts(src, obs_columns, cfg), cfg)
+    try:
+        fingerprint: tuple[int, str] | Exception = file_fingerprint(path,
+                                                                    full=cfg.full_checksum)
+    except Exception as e:  # noqa: BLE001 - raised later, in the serial planning's order
+        fingerprint = e
+    return (InputScan(obs_columns, n_obs, controls, gene_space_key(symbols, gene_ids),
+                      fingerprint), symbols, gene_ids)
+
+
+def _scan_captured(path: str, cfg: ConvertConfig):
+    try:
+        return scan_input(path, cfg)
+    except Exception as e:  # noqa: BLE001 - reported by the driver in input order
+        return e
+
+
+def scan_batch(paths: list[str], cfg: ConvertConfig, threads: int = 1) -> ScanBatch:
+    """``scan_input`` over consecutive inputs (``threads`` > 1: in a thread pool, for s3://
+    inputs), stopping at the first failure; identical gene spaces are kept once."""
+    out = ScanBatch([], None, {})
+    pool = ThreadPoolExecutor(threads) if threads > 1 and len(paths) > 1 else None
+    try:
+        results = (pool.map(_scan_captured, paths, [cfg] * len(paths)) if pool else
+                   (_scan_captured(p, cfg) for p in paths))
+        for r in results:
+            if isinstance(r, Exception):
+                out.error = r
+                break
+            scan, symbols, gene_ids = r
+            out.scans.append(scan)
+            out.spaces.setdefault(scan.space_key, (symbols, gene_ids))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return out
+
+
+def _scan_batch_task(paths: list[str], cfg: ConvertConfig,
+                     threads: int) -> tuple[tuple[list[InputScan], Exception | None, list[str]],
+                                            SpaceArrays]:
+    """Ray task: the scans and the gene spaces as two objects, so that the driver fetches the
+    spaces only when it has not seen them (scBaseCount: ~1,000 batches, a handful of spaces)."""
+    b = scan_batch(paths, cfg, threads)
+    err = b.error
+    if err is not None:
+        try:
+            pickle.dumps(err)
+        except Exception:  # noqa: BLE001 - an error that cannot travel: its type and text do
+            err = ConversionError(f"{type(err).__name__}: {err}")
+    return (b.scans, err, list(b.spaces)), b.spaces
+
+
+def _scan_threads(paths: list[str]) -> int:
+    return SCAN_THREADS if any(storage.is_remote(p) for p in paths) else 1
+
+
+def _scan_mode(paths: list[str], cfg: ConvertConfig, scan: str) -> str:
+    """"auto": Ray tasks for many inputs when the conversion runs under Ray (or Ray is up
+    anyway), threads for many s3:// inputs, else a loop."""
+    if scan not in SCAN_MODES:
+        raise ConversionError(f"scan must be one of {SCAN_MODES}, got {scan!r}")
+    if scan != "auto":
+        return scan
+    if len(paths) <= SCAN_PARALLEL_MIN_INPUTS:
+        return "serial"
+    ray_mod = sys.modules.get("ray")  # not imported: not initialised (importing it costs ~1 s)
+    if cfg.parallel == "ray" or (ray_mod is not None and ray_mod.is_initialized()):
+        return "ray"
+    return "threads" if _scan_threads(paths) > 1 else "serial"
+
+
+def _scan_with_ray(paths: list[str], cfg: ConvertConfig) -> ScanBatch:
+    """Batches of inputs in Ray tasks spread over the cluster; results are merged as they come
+    (gene spaces fetched only when new), and the first failure in input order is raised once
+    every earlier input is scanned."""
+    import ray  # lazily, as in _run_tasks: the CLI and the workers' imports stay light
+
+    from vcc_dist.ray_utils import ensure_ray
+
+    ensure_ray()
+    n = len(paths)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    size = max(1, min(SCAN_BATCH_INPUTS, -(-n // (SCAN_TASKS_PER_CPU * cpus))))
+    remote = ray.remote(num_cpus=1, num_returns=2, max_retries=cfg.task_retries,
+                        scheduling_strategy="SPREAD")(_scan_batch_task)
+    cfg_ref = ray.put(dataclasses.replace(cfg, inputs=(paths[0],)))  # not all the inputs
+    pending: dict[Any, tuple[int, Any]] = {}  # scans ref -> (first input, spaces ref)
+    for start in range(0, n, size):
+        batch = paths[start:start + size]
+        scans_ref, spaces_ref = remote.remote(batch, cfg_ref, _scan_threads(batch))
+        pending[scans_ref] = (start, spaces_ref)
+    scans: list[InputScan | None] = [None] * n
+    spaces: SpaceArrays = {}
+    errors: dict[int, Exception] = {}  # input index -> its error
+    refs = list(pending)
+    try:
+        while refs:
+            ready, refs = ray.wait(refs, num_returns=1)
+            if refs:  # and every other one already done
+                more, refs = ray.wait(refs, num_returns=len(refs), timeout=0)
+                ready += more
+            for ref in ready:
+                start, spaces_ref = pending.pop(ref)
+                got, err, keys = ray.get(ref)
+                scans[start:start + len(got)] = got
+                if err is not None:
+                    errors[start + len(got)] = err
+                if any(k not in spaces for k in keys):
+                    for k, v in ray.get(spaces_ref).items():
+                        spaces.setdefault(k, v)
+            if errors:
+                first = min(errors)
+                if all(start > first for start, _ in pending.values()):
+                    raise errors[first]
+    finally:
+        for ref in refs:
+            ray.cancel(ref)
+    return ScanBatch(scans, None, spaces)  # type: ignore[arg-type] - all filled
+
+
+def scan_inputs(paths: list[str], cfg: ConvertConfig,
+                scan: str = "auto") -> tuple[list[InputScan], SpaceArrays]:
+    """Every input's ``InputScan`` and the distinct gene spaces, by ``scan`` mode (see
+    ``plan_corpus``). Raises the first bad input's error, in input order, as a serial scan
+    does."""
+    mode = _scan_mode(paths, cfg, scan)
+    if mode == "ray":
+        b = _scan_with_ray(paths, cfg)
+    else:
+        b = scan_batch(paths, cfg, SCAN_THREADS if mode == "threads" else 1)
+        if b.error is not None:
+            raise b.error
+    shared: dict[tuple, dict[str, str | None]] = {}  # one obs-column dict per distinct one
+    for s in b.scans:
+        s.obs_columns = shared.setdefault(tuple(s.obs_columns.items()), s.obs_columns)
+    return b.scans, b.spaces
+
+
+def plan_corpus(cfg: ConvertConfig, scan: str = "auto") -> tuple[CorpusManifest, list[StoreTask]]:
     """Read every input's metadata (and its perturbation column, to check for control cells),
     build the vocabulary and one task per store. Raises before anything is written; warns
-    about low gene coverage."""
+    about low gene coverage.
+
+    ``scan``: how inputs are read: "serial"; "threads" (a thread pool: for s3:// inputs,
+    whose reads wait on the network); "ray" (batches of inputs in Ray tasks spread over the
+    cluster; joins or starts Ray); "auto" (default): "ray" above SCAN_PARALLEL_MIN_INPUTS
+    inputs when ``cfg.parallel`` is "ray" or Ray is initialised, else "threads" for s3://
+    inputs, else "serial". Every mode plans the same. Inputs with the same gene space (same
+    symbols and ids) share one copy of its arrays and one gene map array object."""
     paths = expand_inputs(cfg.inputs)
     names = _store_names(paths)
-    spaces, obs_cols, n_obs, pert_counts = [], [], [], []
-    for p in paths:
-        with H5adSource(p, cfg.matrix, cfg.symbol_column, cfg.gene_id_column) as src:
-            obs_cols.append(_resolve_obs_columns(src, cfg))
-            spaces.append(GeneSpace(p, src.symbols, src.gene_ids))
-            n_obs.append(src.n_obs)
-            pert_counts.append(_perturbation_counts(src, obs_cols[-1], cfg))
-    check_controls(paths, pert_counts, obs_cols, cfg)
-    vocab, maps, reports = build_vocabulary(spaces, cfg.genes_file, cfg.gene_conflicts)
+    scans, spaces = scan_inputs(paths, cfg, scan)
+    obs_cols = [s.obs_columns for s in scans]
+    check_control_summaries(paths, [s.controls for s in scans], obs_cols, cfg)
+    gene_spaces = [GeneSpace(p, *spaces[s.space_key], key=s.space_key)
+                   for p, s in zip(paths, scans)]
+    vocab, maps, reports = build_vocabulary(gene_spaces, cfg.genes_file, cfg.gene_conflicts)
+    del gene_spaces, spaces  # the maps are what the tasks need
     check_gene_coverage(paths, reports, len(vocab), cfg)
     tasks: list[StoreTask] = []
-    for p, name, m, rep, oc, n in zip(paths, names, maps, reports, obs_cols, n_obs):
-        size, checksum = file_fingerprint(p, full=cfg.full_checksum)
+    for p, name, m, rep, s in zip(paths, names, maps, reports, scans):
+        if isinstance(s.fingerprint, Exception):
+            raise s.fingerprint
+        size, checksum = s.fingerprint
+        n = s.n_obs
         n_parts = -(-n // cfg.max_cells_per_store)
         bounds = np.linspace(0, n, n_parts + 1).round().astype(int)
         for k in range(n_parts):
             sname = name if n_parts == 1 else f"{name}.part{k:03d}"
             e = StoreEntry(name=sname, source=p, source_rows=[int(bounds[k]), int(bounds[k + 1])],
                            source_size=size, source_checksum=checksum, coverage=rep)
-            tasks.append(StoreTask(e, m, oc))
+            tasks.append(StoreTask(e, m, s.obs_columns))
     manifest = CorpusManifest(genes=vocab.symbols, gene_ids=vocab.gene_ids,
                               stores=[t.entry for t in tasks], options=cfg.stored_options())
     return manifest, tasks
@@ -588,17 +816,6 @@ def _has_zarrs() -> bool:
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def writer_provenance() -> dict[str, Any]:
-    """Who is writing: the Ray node id and IP when running in Ray (None otherwise), host, pid."""
-    ray = sys.modules.get("ray")  # never imported just for this: serial runs stay Ray-free
-    node_id = node_ip = None
-    if ray is not None and ray.is_initialized():
-        node_id = ray.get_runtime_context().get_node_id()
-        node_ip = ray.util.get_node_ip_address()
-    return {"node_id": node_id, "node_ip": node_ip, "host": socket.gethostname(),
-            "pid": os.getpid()}
 
 
 def convert_store(task: StoreTask, cfg: ConvertConfig, corpus_dir: str, genes: list[str],
@@ -831,7 +1048,7 @@ def convert_store(task: StoreTask, cfg: ConvertConfig, corpus_dir: str, genes: l
         return {"name": e.name, "n_cells": n, "nnz": nnz, "seconds": seconds,
                 "peak_rss_mb": _peak_rss_mb(), "peak_rss_mb_at_start": rss0,
                 "layout": layout.to_dict(), "bucketed": bool(bucketed), "location": location,
-                "provenance": {**writer_provenance(), "seconds": round(seconds, 3)}}
+                "provenance": {**process_provenance(), "seconds": round(seconds, 3)}}
     except (OSError, KeyError) as err:  # h5py's errors for damaged files
         raise ConversionError(
             f"{e.source}: reading failed during conversion of store {e.name} ({type(err).__name__}: "

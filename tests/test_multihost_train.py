@@ -1,5 +1,6 @@
-"""ST and SE training across hosts (issue 16, sections 3 and 4): ``jobs/train_st.py`` and
-``jobs/pretrain_se.py`` submitted with ``ray job submit --working-dir .`` to the shared
+"""ST and SE training across hosts and the jobs downstream of them (issue 16, sections 3 and
+4): ``jobs/train_st.py``, ``jobs/pretrain_se.py``, ``jobs/tune_st.py``, ``jobs/embed_genes.py``,
+``jobs/embed_cells.py``, ``jobs/predict.py`` and ``jobs/evaluate.py`` submitted with ``ray job submit --working-dir .`` to the shared
 network-namespace cluster (tests/conftest.py's ``multihost``: a head with 2 CPUs, two workers
 with 1), with the corpus, the split file, the gene table and the run directories on the
 cluster's S3 server, so no path is shared by the hosts.
@@ -9,7 +10,9 @@ debug_losses.json records (tests/test_st_train.py, tests/test_se_train.py) and m
 them: ST with its two workers on two hosts, losing one of those hosts after the first
 checkpoint (Ray Train restarts the worker group on the remaining hosts from the checkpoint in
 S3); ST whose head host dies, rerun after a cluster restart; SE with ZeRO-3 over gloo between
-two hosts."""
+two hosts. The jobs downstream (ESM2 gene embeddings, a Tune sweep, SE cell embeddings of the
+corpus in S3, a prediction of the ST run and its evaluation) each put their work on at least
+two hosts, as the Ray node ids their outputs record show, and read and write only S3."""
 
 from __future__ import annotations
 
@@ -191,14 +194,15 @@ def test_head_restart_then_the_same_command_resumes(multihost: MultiHost, inputs
     _assert_golden(_losses(run, s3opts))
 
 
-def test_pretrain_se_zero3_over_gloo_on_two_hosts(multihost: MultiHost, inputs, s3opts,
-                                                  tiny_corpus, tmp_path):
-    """SE pretraining, ZeRO-3 sharded over gloo between two hosts, gives the losses
-    tests/test_se_train.py's one-host run of the same configuration records."""
+@pytest.fixture(scope="module")
+def se_run(multihost: MultiHost, inputs, s3opts, tiny_corpus, tmp_path_factory) -> str:
+    """SE pretraining, ZeRO-3 over gloo between two hosts (jobs/pretrain_se.py submitted to the
+    cluster); its run directory in the bucket."""
     import torch
 
     from vcc_dist.data.corpus import load_manifest
 
+    tmp_path = tmp_path_factory.mktemp("se")
     _, corpus = tiny_corpus
     state = multihost.state
     genes = list(load_manifest(corpus).genes)
@@ -213,6 +217,13 @@ def test_pretrain_se_zero3_over_gloo_on_two_hosts(multihost: MultiHost, inputs, 
                          "3", "--no-progress", "--set", "engine.zero_stage=3",
                          "placement_strategy=SPREAD", "wandb.mode=disabled", timeout=900)
     _succeeded(p, "pretrain_se")
+    return run
+
+
+def test_pretrain_se_zero3_over_gloo_on_two_hosts(multihost: MultiHost, se_run: str, s3opts):
+    """SE pretraining, ZeRO-3 sharded over gloo between two hosts, gives the losses
+    tests/test_se_train.py's one-host run of the same configuration records."""
+    state, run = multihost.state, se_run
     golden = np.array(json.loads((ROOT / "tests" / "data" / "debug_losses.json").read_text())["se"])
     df = _losses(run, s3opts)
     assert df["step"].tolist() == golden[:, 0].astype(int).tolist()
@@ -228,3 +239,115 @@ def test_pretrain_se_zero3_over_gloo_on_two_hosts(multihost: MultiHost, inputs, 
         shards = [n for n in storage.listdir(f"{ck}/deepspeed/state", s3opts)
                   if n.endswith("optim_states.pt")]
         assert len(shards) == 2, shards
+
+
+# ---------------------------------------------------------------------------------------------
+# the other jobs across hosts: each records the Ray nodes that did its work
+# ---------------------------------------------------------------------------------------------
+
+
+def _hosts(multihost: MultiHost, node_ids) -> set[str]:
+    """The host addresses of Ray node ids (each must be a node of the cluster now)."""
+    alive = {n["node_id"]: n["node_ip"] for n in nc.alive_nodes(multihost.state)}
+    assert set(node_ids) <= set(alive), (node_ids, alive)
+    return {alive[n] for n in node_ids}
+
+
+def test_embed_genes_on_two_hosts(multihost: MultiHost, s3opts, tiny_corpus, tmp_path):
+    """ESM2 gene embeddings: the FASTA and the model (a tiny random ESM2 in the release format)
+    in S3, two model replicas on two hosts, the outputs in S3 equal to a one-process run."""
+    from vcc_dist.esm.embed import load_gene_embeddings
+    from vcc_dist.esm.fasta import read_isoforms
+    from vcc_dist.esm.model import save_tiny_esm2
+
+    sim, _ = tiny_corpus
+    base = f"s3://{multihost.state.bucket}/esm"
+    model = save_tiny_esm2(tmp_path / "esm", num_layers=2, embed_dim=32)
+    for f in model.parent.iterdir():
+        storage.upload_file(f, f"{base}/model/{f.name}", options=s3opts)
+    storage.upload_file(sim.fasta_path, f"{base}/proteins.fasta", options=s3opts)
+    out = f"{base}/out"
+    p = multihost.submit("jobs/embed_genes.py", "--fasta", f"{base}/proteins.fasta", "--model",
+                         f"{base}/model/{model.name}", "--out", out, "--num-actors", "2",
+                         "--isoforms-per-part", "8", "--no-progress", timeout=600)
+    _succeeded(p, "embed_genes")
+    man = storage.read_json(f"{out}/manifest.json", s3opts)
+    assert len(_hosts(multihost, man["node_ids"])) == 2, man["node_ids"]
+    # every gene of the FASTA embedded, with the model's width (tests/test_esm_embed_s3.py
+    # checks the values against a local run)
+    storage.download_file(f"{out}/gene_embeddings.pt", tmp_path / "g.pt", s3opts)
+    genes, emb = load_gene_embeddings(tmp_path / "g.pt")
+    isoforms, _ = read_isoforms(sim.fasta_path)
+    assert set(genes) == {i.gene for i in isoforms}
+    assert emb.shape == (len(genes), 32) and np.isfinite(emb).all()
+
+
+def test_embed_cells_on_two_hosts(multihost: MultiHost, se_run: str, inputs, s3opts):
+    """SE cell embeddings of the corpus in S3: one task per store, spread over the hosts; each
+    store's embedding manifest names the node that wrote it."""
+    from vcc_dist.data.embeddings import CorpusEmbeddings, embedding_status
+
+    key = "X_se_hosts"
+    p = multihost.submit("jobs/embed_cells.py", "--checkpoint", se_run, "--corpus",
+                         inputs["corpus"], "--key", key, "--no-progress", timeout=600)
+    out = _succeeded(p, "embed_cells")
+    status = embedding_status(inputs["corpus"], key, s3opts)
+    assert status and all(m is not None and m["complete"] for m in status.values()), status
+    nodes = {m["written_by"]["node_id"] for m in status.values()}
+    assert len(_hosts(multihost, nodes)) >= 2, nodes
+    summary = json.loads(next(ln for ln in out.splitlines() if ln.startswith('{"checkpoint"')))
+    assert set(summary["node_ids"]) == nodes
+    ce = CorpusEmbeddings(inputs["corpus"], key, s3=s3opts)
+    assert ce.meta["checkpoint"].startswith(se_run)
+    v = ce.read(0, np.arange(5))
+    assert v.shape == (5, ce.dim) and np.isfinite(v).all()
+
+
+def test_predict_and_evaluate_on_two_hosts(multihost: MultiHost, inputs, s3opts, tmp_path):
+    """A prediction of the ST run trained across hosts (the host-loss test's run) for the
+    split's test perturbations, in two tasks on two hosts, and its evaluation, in two tasks on
+    two hosts; every input and output in S3."""
+    import anndata as ad
+
+    st_run = f"s3://{multihost.state.bucket}/runs/st-host-loss"
+    assert storage.exists(f"{st_run}/best_checkpoint.json", s3opts), \
+        "the ST run of test_train_st_on_two_hosts_survives_losing_a_worker_host is missing"
+    out = f"s3://{multihost.state.bucket}/predict"
+    p = multihost.submit("jobs/predict.py", "--checkpoint", st_run, "--split", inputs["split"],
+                         "--role", "test", "--out", f"{out}/pred.h5ad", "--real-out",
+                         f"{out}/real.h5ad", "--num-workers", "2", "--no-progress", timeout=600)
+    _succeeded(p, "predict")
+    storage.download_file(f"{out}/pred.h5ad", tmp_path / "pred.h5ad", s3opts)
+    pred = ad.read_h5ad(tmp_path / "pred.h5ad")
+    prov = dict(pred.uns["vcc_dist"])
+    assert len(_hosts(multihost, list(prov["node_ids"]))) == 2, prov
+    p = multihost.submit("jobs/evaluate.py", "--real", f"{out}/real.h5ad", "--pred",
+                         f"{out}/pred.h5ad", "--out", f"{out}/eval", "--num-workers", "2",
+                         "--quiet", timeout=600)
+    _succeeded(p, "evaluate")
+    agg = storage.read_json(f"{out}/eval/agg_results.json", s3opts)
+    assert len(_hosts(multihost, agg["node_ids"])) == 2, agg.get("node_ids")
+    names = storage.listdir(f"{out}/eval", s3opts)
+    assert {"results.csv", "agg_results.json"} <= set(names), names
+
+
+def test_tune_st_trials_on_different_hosts(multihost: MultiHost, inputs, s3opts):
+    """A Tune sweep of three concurrent one-worker trials: 0.75 CPU each, so the head (2 CPUs)
+    holds two and the third runs on a worker host; every trial's run and Tune's state in S3."""
+    run = f"s3://{multihost.state.bucket}/sweeps/hosts"
+    p = multihost.submit("jobs/tune_st.py", "--space", "debug", "--recipe", "debug", "--corpus",
+                         inputs["corpus"], "--split", inputs["split"], "--run-dir", run,
+                         "--num-samples", "3", "--max-concurrent", "3", "--trial-workers", "1",
+                         "--cpus-per-trial", "0.75", "--max-steps", "2", "--checkpoint-every",
+                         "1", "--scheduler", "fifo", "--wandb", "disabled", "--no-progress",
+                         timeout=900)
+    _succeeded(p, "tune_st")
+    trials = pd.read_csv(io.BytesIO(storage.read_bytes(f"{run}/trials.csv", s3opts)))
+    assert len(trials) == 3 and (trials["status"] == "completed").all(), trials
+    nodes = set()
+    for rd in trials["run_dir"]:
+        cks = _checkpoints(str(rd), s3opts)
+        assert cks, rd
+        nodes |= set(_manifest(cks[-1], s3opts)["node_ids"])
+    assert len(_hosts(multihost, nodes)) >= 2, nodes
+    assert storage.exists(f"{run}/best_recipe.json", s3opts)
